@@ -1,0 +1,476 @@
+"""Typed configuration for every lmforge workflow.
+
+Dataclasses are the only configuration. The command line (through tyro), YAML files and the Python API
+all build the same objects, and ``validate()`` rejects bad values before any work starts, naming the
+field. This module must not import torch: it is imported by the CLI before anything heavy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake. The CLI prints it as one line and exits non-zero."""
+
+
+class UserError(RuntimeError):
+    """Any user-facing mistake (missing file, bad data, wrong checkpoint): one line, no traceback."""
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a Transformer language model. One dataclass covers GPT-2, Llama, Mistral and
+    Qwen2 style decoders (and the original Transformer's sinusoidal positions) through switches."""
+
+    arch: Literal["decoder"] = "decoder"
+    """Model family: a decoder-only causal LM."""
+    vocab_size: int = 256
+    """Number of token ids (embedding rows)."""
+    block_size: int = 256
+    """Maximum sequence length (context window) in tokens."""
+    n_layers: int = 4
+    """Number of Transformer blocks."""
+    n_heads: int = 4
+    """Number of query heads."""
+    n_kv_heads: Optional[int] = None
+    """Number of key/value heads (grouped-query attention); None means n_heads (multi-head)."""
+    d_model: int = 128
+    """Width of the residual stream."""
+    head_dim: Optional[int] = None
+    """Per-head width; None means d_model // n_heads."""
+    d_ff: Optional[int] = None
+    """Hidden width of the MLP; None means 4*d_model (gelu/relu2) or the Llama rule for swiglu."""
+    mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu2"] = "gelu_tanh"
+    """MLP type: GELU (exact or GPT-2's tanh approximation), SwiGLU (Llama), or squared ReLU."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalization layer."""
+    norm_eps: float = 1e-5
+    """Epsilon of the normalization layers."""
+    pos: Literal["learned", "sinusoidal", "rope", "alibi", "none"] = "learned"
+    """Positional encoding: learned absolute (GPT-2), sinusoidal (Vaswani et al. 2017), rotary (RoPE),
+    ALiBi biases, or none."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    """RoPE frequency scaling for long context: none, linear (position interpolation) or Llama-3 style."""
+    rope_factor: float = 1.0
+    """RoPE scaling factor."""
+    rope_low_freq_factor: float = 1.0
+    """Llama-3 rope scaling: low-frequency factor."""
+    rope_high_freq_factor: float = 4.0
+    """Llama-3 rope scaling: high-frequency factor."""
+    rope_original_max_positions: int = 8192
+    """Llama-3 rope scaling: the context length the model was originally trained with."""
+    bias: bool = True
+    """Biases in the attention output and MLP linear layers (and norms for layernorm)."""
+    qkv_bias: Optional[bool] = None
+    """Biases in the q/k/v projections; None means the same as ``bias`` (Qwen2: True with bias False)."""
+    qk_norm: bool = False
+    """RMS-normalize queries and keys per head before attention (QK-norm)."""
+    tie_embeddings: bool = True
+    """Share the input embedding matrix with the output head."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches (training only)."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight initialization."""
+    scale_embeddings: bool = False
+    """Multiply token embeddings by sqrt(d_model), as the original Transformer does."""
+
+    # Derived values -----------------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def ff(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp == "swiglu":
+            # Llama: 2/3 of 4d, rounded up to a multiple of 64 (Touvron et al. 2023).
+            hidden = int(2 * 4 * self.d_model / 3)
+            return 64 * math.ceil(hidden / 64)
+        return 4 * self.d_model
+
+    @property
+    def use_qkv_bias(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
+    def validate(self, prefix: str = "model") -> "ModelConfig":
+        p = prefix + "."
+        _check(self.vocab_size >= 2, p + "vocab_size", f"must be >= 2, got {self.vocab_size}")
+        _check(self.block_size >= 1, p + "block_size", f"must be >= 1, got {self.block_size}")
+        _check(self.n_layers >= 1, p + "n_layers", f"must be >= 1, got {self.n_layers}")
+        _check(self.n_heads >= 1, p + "n_heads", f"must be >= 1, got {self.n_heads}")
+        _check(self.d_model >= 1, p + "d_model", f"must be >= 1, got {self.d_model}")
+        if self.head_dim is None:
+            _check(self.d_model % self.n_heads == 0, p + "n_heads",
+                   f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
+        kv = self.kv_heads
+        _check(kv >= 1 and self.n_heads % kv == 0, p + "n_kv_heads",
+               f"n_heads={self.n_heads} must be a multiple of n_kv_heads={kv}")
+        if self.pos == "rope":
+            _check(self.hd % 2 == 0, p + "head_dim", f"RoPE needs an even head_dim, got {self.hd}")
+        if self.pos == "sinusoidal":
+            _check(self.d_model % 2 == 0, p + "d_model", "sinusoidal positions need an even d_model")
+        _check(0.0 <= self.dropout < 1.0, p + "dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(self.norm_eps > 0, p + "norm_eps", "must be > 0")
+        _check(self.rope_factor > 0, p + "rope_factor", "must be > 0")
+        return self
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Exact parameter count, computed from the config alone (matches the built module)."""
+        d, hd, h, kv, ff, V = self.d_model, self.hd, self.n_heads, self.kv_heads, self.ff, self.vocab_size
+        norm_p = d * (2 if (self.norm == "layernorm" and self.bias) else 1)
+        qkv = d * (h + 2 * kv) * hd + ((h + 2 * kv) * hd if self.use_qkv_bias else 0)
+        proj = h * hd * d + (d if self.bias else 0)
+        attn = qkv + proj + (2 * hd if self.qk_norm else 0)
+        if self.mlp == "swiglu":
+            mlp = d * 2 * ff + ff * d + ((2 * ff + d) if self.bias else 0)
+        else:
+            mlp = d * ff + ff * d + ((ff + d) if self.bias else 0)
+        block = 2 * norm_p + attn + mlp
+        total = self.n_layers * block + norm_p
+        if include_embeddings:
+            total += V * d
+            if self.pos == "learned":
+                total += self.block_size * d
+            if not self.tie_embeddings:
+                total += V * d
+        return total
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer and data
+
+
+@dataclass
+class TokenizerConfig:
+    """How to train a tokenizer."""
+
+    input: list[str] = field(default_factory=list)
+    """Text files, directories, .jsonl or .parquet files to learn the vocabulary from."""
+    kind: Literal["bpe", "char"] = "bpe"
+    """Byte-level BPE (GPT-2 style) or one token per character."""
+    vocab_size: int = 8192
+    """Target vocabulary size, special tokens included (BPE only)."""
+    out: str = "tokenizer"
+    """Output directory for tokenizer.json and tokenizer_config.json."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl and .parquet inputs."""
+    min_frequency: int = 2
+    """BPE: minimum pair frequency for a merge."""
+    errors: Literal["strict", "replace"] = "strict"
+    """What to do with bytes that are not UTF-8: stop with the file and offset, or replace them."""
+
+    def validate(self) -> "TokenizerConfig":
+        _check(len(self.input) > 0, "input", "give at least one input path")
+        if self.kind == "bpe":
+            _check(self.vocab_size >= 256 + 8, "vocab_size",
+                   f"byte-level BPE needs at least 264 (256 bytes + special tokens), got {self.vocab_size}")
+        _check(self.min_frequency >= 1, "min_frequency", "must be >= 1")
+        return self
+
+
+@dataclass
+class PrepareConfig:
+    """How to turn a corpus into token shards."""
+
+    input: list[str] = field(default_factory=list)
+    """Text files, directories (searched for .txt/.md/.jsonl/.parquet), .jsonl or .parquet files."""
+    tokenizer: str = ""
+    """Tokenizer directory (or a checkpoint directory holding one)."""
+    out: str = "data"
+    """Output directory for the shards and meta.json."""
+    val_fraction: float = 0.1
+    """Fraction of the token stream (its tail) held out for validation."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl and .parquet inputs."""
+    shard_tokens: int = 50_000_000
+    """Maximum tokens per shard file."""
+    workers: int = 0
+    """Tokenizer processes; 0 means the number of CPU cores."""
+    errors: Literal["strict", "replace"] = "strict"
+    """Undecodable bytes: stop naming the file and byte offset (strict) or replace them with U+FFFD."""
+
+    def validate(self) -> "PrepareConfig":
+        _check(len(self.input) > 0, "input", "give at least one input path")
+        _check(bool(self.tokenizer), "tokenizer", "give the tokenizer directory (--tokenizer DIR)")
+        _check(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        _check(self.shard_tokens >= 1024, "shard_tokens", "must be >= 1024")
+        _check(self.workers >= 0, "workers", "must be >= 0")
+        return self
+
+
+@dataclass
+class DataConfig:
+    """Which prepared data a training run reads."""
+
+    path: str = ""
+    """Prepared data directory (from `lmforge prepare`)."""
+    num_workers: int = 0
+    """Reserved for background loading; batches are cheap memory-mapped slices."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["adamw", "muon"] = "adamw"
+    """AdamW everywhere, or Muon (orthogonalized momentum) for hidden matrices with AdamW for the rest."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Final learning rate of the decay."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not to biases, norms or embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.99
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    muon_lr: float = 0.02
+    """Muon learning rate for hidden matrices."""
+    muon_momentum: float = 0.95
+    """Muon momentum."""
+    schedule: Literal["cosine", "wsd", "constant", "linear"] = "cosine"
+    """Warmup then cosine decay, warmup-stable-decay, constant, or linear decay."""
+    warmup_steps: int = 100
+    """Linear warmup steps."""
+    decay_fraction: float = 0.2
+    """WSD: fraction of the run spent in the final decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    fused: Optional[bool] = None
+    """Use torch's fused AdamW; None means on CUDA only."""
+
+    def validate(self) -> "OptimConfig":
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(self.min_lr >= 0, "optim.min_lr", "must be >= 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1", "betas must be in [0, 1)")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(0 < self.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 2000
+    """Number of optimizer steps."""
+    batch_size: int = 12
+    """Sequences per micro-batch (per process)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    block_size: Optional[int] = None
+    """Training sequence length; None means the model's block_size."""
+    seed: int = 1337
+    """Seed for initialization, data order and dropout."""
+    eval_every: int = 250
+    """Validation every N steps (and at the end); 0 disables."""
+    eval_batches: int = 20
+    """Validation micro-batches per evaluation."""
+    save_every: int = 1000
+    """Checkpoint every N steps (and at the end); 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """Keep the newest N step checkpoints; 0 keeps all."""
+    log_every: int = 10
+    """Write a metrics line every N steps."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, mps or auto."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast precision; auto means bf16 where the hardware supports it, else fp32."""
+    compile: bool = False
+    """Compile the model with torch.compile (opt-in)."""
+    threads: int = 0
+    """CPU threads for torch; 0 leaves torch's default."""
+    progress: bool = True
+    """Show a progress bar."""
+    plot: bool = True
+    """Redraw loss.png as training goes (needs matplotlib)."""
+    stop_after: int = 0
+    """Stop (with a checkpoint) after this many steps of the run, as if interrupted; 0 runs to the end."""
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    """Data parallelism under torchrun: DDP, FSDP2 (fully_shard per block), or auto (DDP when launched
+    with several processes)."""
+    activation_checkpointing: bool = False
+    """FSDP: recompute each block's activations in the backward pass to save memory."""
+    cpu_offload: bool = False
+    """FSDP: keep sharded parameters and optimizer state in CPU memory."""
+    dist_timeout_s: int = 600
+    """Seconds a rank waits for the others before giving up (a dead rank ends the run, not hangs it)."""
+
+    def validate(self) -> "TrainConfig":
+        _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _check(self.block_size is None or self.block_size >= 1, "train.block_size", "must be >= 1")
+        for name in ("eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "threads",
+                     "stop_after"):
+            _check(getattr(self, name) >= 0, f"train.{name}", "must be >= 0")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.dist_timeout_s >= 1, "train.dist_timeout_s", "must be >= 1")
+        return self
+
+
+@dataclass
+class PretrainConfig:
+    """`lmforge pretrain`: train a language model from scratch on prepared token shards."""
+
+    data: str = ""
+    """Prepared data directory (from `lmforge prepare`)."""
+    out: str = "runs/run"
+    """Run directory (run.yaml, metrics.jsonl, loss.png, checkpoints/, final/)."""
+    preset: Optional[str] = None
+    """Named model config to start from (see `lmforge presets`); model.* fields override it."""
+    resume: bool = False
+    """Continue the run in --out from its newest checkpoint."""
+    init_from: Optional[str] = None
+    """Start from the weights of this CKPT, RUN or Hugging Face directory instead of random ones."""
+    vocab_from_data: bool = True
+    """Set model.vocab_size to the data's vocabulary; when off, model.vocab_size must cover it."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "PretrainConfig":
+        _check(bool(self.data), "data", "give the prepared data directory (--data DIR)")
+        _check(bool(self.out), "out", "give the run directory (--out DIR)")
+        self.model.validate()
+        self.optim.validate()
+        self.train.validate()
+        bs = self.train.block_size
+        if bs is not None:
+            _check(bs <= self.model.block_size, "train.block_size",
+                   f"{bs} is beyond the model's positions (model.block_size={self.model.block_size})")
+        if self.train.stop_after:
+            _check(self.train.stop_after < self.train.steps, "train.stop_after", "must be < train.steps")
+        return self
+
+
+@dataclass
+class GenerateConfig:
+    """Sampling settings for text generation."""
+
+    max_new_tokens: int = 200
+    """Maximum number of tokens to generate."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 means greedy decoding."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 disables."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens with this total probability; 1 disables."""
+    repetition_penalty: float = 1.0
+    """Divide positive logits (multiply negative ones) of tokens already seen by this; 1 disables."""
+    stop: list[str] = field(default_factory=list)
+    """Stop when any of these strings appears in the generated text (it is not returned)."""
+    seed: Optional[int] = None
+    """Seed that makes sampling reproducible."""
+
+    def validate(self) -> "GenerateConfig":
+        _check(self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0")
+        _check(self.temperature >= 0, "temperature", "must be >= 0")
+        _check(self.top_k >= 0, "top_k", "must be >= 0")
+        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        _check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML / dict conversion
+
+
+def to_dict(cfg: Any) -> Any:
+    if is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(x) for x in cfg]
+    return cfg
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a (possibly nested, possibly partial) dict; unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{where}.{key}" if where else key
+        if key not in known:
+            raise ConfigError(f"{name}: unknown field (known: {', '.join(sorted(known))})")
+        ftype = known[key].type
+        default = known[key].default_factory() if known[key].default_factory is not dataclasses.MISSING else None
+        if is_dataclass(default):
+            kwargs[key] = merge(default, value, where=name)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def merge(base: Any, overrides: dict, where: str = "") -> Any:
+    """Return a copy of dataclass ``base`` with nested ``overrides`` applied."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where or type(base).__name__}: expected a mapping, got {type(overrides).__name__}")
+    known = {f.name for f in fields(base)}
+    changes = {}
+    for key, value in overrides.items():
+        name = f"{where}.{key}" if where else key
+        if key not in known:
+            raise ConfigError(f"{name}: unknown field (known: {', '.join(sorted(known))})")
+        current = getattr(base, key)
+        changes[key] = merge(current, value, where=name) if is_dataclass(current) else value
+    return dataclasses.replace(base, **changes)
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p} must hold a mapping at the top level")
+    return data
+
+
+def dump_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def model_config_from_json(data: dict) -> ModelConfig:
+    return from_dict(ModelConfig, data, where="model")
+
+
+def model_config_to_json(cfg: ModelConfig) -> str:
+    return json.dumps(to_dict(cfg), indent=2)

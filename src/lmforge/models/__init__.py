@@ -1,0 +1,12 @@
+"""Model families. ``build_model`` turns a ModelConfig into its module."""
+from __future__ import annotations
+
+from ..config import ModelConfig
+
+
+def build_model(cfg: ModelConfig):
+    if cfg.arch == "decoder":
+        from .decoder import DecoderLM
+
+        return DecoderLM(cfg)
+    raise ValueError(f"unknown model arch {cfg.arch!r}")

@@ -1,0 +1,248 @@
+"""The training loop: exact resume, schedules, optimizer groups, run directory, bad input."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.config import (ConfigError, ModelConfig, OptimConfig, PrepareConfig, PretrainConfig, TokenizerConfig,
+                            TrainConfig, UserError)
+from lmforge.train.metrics import read_metrics
+from lmforge.train.optim import param_groups
+from lmforge.train.schedule import lr_at
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+        "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 60
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    from lmforge.data.prepare import prepare
+    from lmforge.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("traindata")
+    corpus = root / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    tok = Tokenizer.train(TokenizerConfig(input=[str(corpus)], kind="char", out=str(root / "tok")))
+    tok.save(root / "tok")
+    prepare(PrepareConfig(input=[str(corpus)], tokenizer=str(root / "tok"), out=str(root / "data"),
+                          val_fraction=0.1, workers=1), progress=False)
+    return root / "data"
+
+
+def tiny_cfg(data_dir: Path, out: Path, **train_kw) -> PretrainConfig:
+    model = ModelConfig(block_size=32, n_layers=2, n_heads=2, d_model=32, dropout=0.1, pos="rope", norm="rmsnorm",
+                        mlp="swiglu", bias=False)
+    train = dict(steps=16, batch_size=4, grad_accum=2, eval_every=4, eval_batches=2, save_every=8, log_every=1,
+                 progress=False, plot=False, seed=7)
+    train.update(train_kw)
+    return PretrainConfig(data=str(data_dir), out=str(out), model=model,
+                          optim=OptimConfig(lr=3e-3, warmup_steps=3, min_lr=3e-4), train=TrainConfig(**train))
+
+
+def losses(run: Path, event="train", key="loss") -> dict[int, float]:
+    return {e["step"]: e[key] for e in read_metrics(run / "metrics.jsonl") if e["event"] == event}
+
+
+def run_pretrain(cfg):
+    from lmforge.train.pretrain import pretrain
+
+    return pretrain(cfg, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run_pretrain(tiny_cfg(data_dir, out))
+    return out
+
+
+def test_run_directory_contents(reference_run):
+    assert (reference_run / "run.yaml").is_file()
+    assert (reference_run / "final" / "model.safetensors").is_file()
+    assert (reference_run / "final" / "tokenizer.json").is_file()
+    assert (reference_run / "checkpoints" / "step-000016" / "train_state.pt").is_file()
+    meta = json.loads((reference_run / "final" / "config.json").read_text())
+    assert meta["format"] == "lmforge" and meta["model"]["n_layers"] == 2
+    train = losses(reference_run)
+    assert sorted(train) == list(range(1, 17))
+    assert train[16] < train[1]  # it learns
+    val = losses(reference_run, "val", "val_loss")
+    assert sorted(val) == [4, 8, 12, 16]
+    assert not list(reference_run.glob("**/.*tmp-*"))  # no leftovers of atomic writes
+
+
+def test_resume_is_bitwise_identical(data_dir, reference_run, tmp_path):
+    out = tmp_path / "run"
+    run_pretrain(tiny_cfg(data_dir, out, stop_after=8))
+    assert not (out / "final").exists()
+    assert max(losses(out)) == 8
+    run_pretrain(dataclasses.replace(tiny_cfg(data_dir, out), resume=True))
+    ref, got = losses(reference_run), losses(out)
+    assert got == ref  # every step, bit for bit (JSON floats round-trip exactly)
+    assert losses(out, "val", "val_loss") == losses(reference_run, "val", "val_loss")
+
+
+def test_resume_after_interrupt_mid_accumulation(data_dir, reference_run, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of a gradient-accumulation step: the partial step is dropped, the last
+    full step is saved, and resuming replays exactly."""
+    import lmforge.train.pretrain as pt
+
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    real = pt.causal_lm_loss
+
+    def flaky(model, batch):
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 2 * 10 + 2:  # step 11, second micro-batch
+                raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(pt, "causal_lm_loss", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(tiny_cfg(data_dir, out))
+    monkeypatch.setattr(pt, "causal_lm_loss", real)
+    assert (out / "checkpoints" / "step-000010").is_dir()
+    run_pretrain(dataclasses.replace(tiny_cfg(data_dir, out), resume=True))
+    assert losses(out) == losses(reference_run)
+
+
+def test_resume_after_sigkill(data_dir, reference_run, tmp_path):
+    """A process killed with SIGKILL (no chance to save) after its last checkpoint resumes exactly."""
+    out = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import lmforge.train.pretrain as pt
+        from test_train import tiny_cfg
+        from pathlib import Path
+        real, n = pt.causal_lm_loss, [0]
+        def killer(model, batch):
+            if model.training:
+                n[0] += 1
+                if n[0] == 2 * 12 + 1:  # step 13, first micro-batch: after the step-8 checkpoint
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real(model, batch)
+        pt.causal_lm_loss = killer
+        pt.pretrain(tiny_cfg(Path({str(data_dir)!r}), Path({str(out)!r})), log=lambda *_: None)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert max(losses(out)) == 12  # it logged past the checkpoint before dying
+    run_pretrain(dataclasses.replace(tiny_cfg(data_dir, out), resume=True))
+    assert losses(out) == losses(reference_run)
+
+
+def test_existing_run_needs_resume(data_dir, reference_run):
+    with pytest.raises(UserError, match="--resume"):
+        run_pretrain(tiny_cfg(data_dir, reference_run))
+
+
+def test_resume_with_other_model_config_fails(data_dir, tmp_path):
+    out = tmp_path / "run"
+    run_pretrain(tiny_cfg(data_dir, out, steps=4, stop_after=2, eval_every=0))
+    cfg = tiny_cfg(data_dir, out, steps=4, eval_every=0)
+    cfg = dataclasses.replace(cfg, resume=True, model=dataclasses.replace(cfg.model, d_model=64))
+    with pytest.raises(UserError, match="does not match.*d_model"):
+        run_pretrain(cfg)
+
+
+def test_block_size_beyond_model_positions(data_dir, tmp_path):
+    cfg = tiny_cfg(data_dir, tmp_path / "run", block_size=64)
+    with pytest.raises(ConfigError, match="train.block_size.*beyond"):
+        cfg.validate()
+
+
+def test_missing_data_dir(tmp_path):
+    cfg = tiny_cfg(tmp_path / "nope", tmp_path / "run")
+    with pytest.raises(UserError, match="prepare"):
+        run_pretrain(cfg)
+
+
+def test_vocab_too_small_for_data(data_dir, tmp_path):
+    cfg = tiny_cfg(data_dir, tmp_path / "run")
+    cfg = dataclasses.replace(cfg, vocab_from_data=False, model=dataclasses.replace(cfg.model, vocab_size=8))
+    with pytest.raises(UserError, match="vocab_size"):
+        run_pretrain(cfg)
+
+
+def test_unwritable_out_dir(data_dir, tmp_path):
+    if os.geteuid() == 0:
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        out = blocker / "run"  # a path under a regular file can never be created, even by root
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        out = ro / "run"
+    with pytest.raises(UserError, match="run directory|cannot"):
+        run_pretrain(tiny_cfg(data_dir, out, steps=2))
+
+
+# --------------------------------------------------------------------------------------------------
+# schedules and optimizer groups
+
+
+def test_cosine_schedule_shape():
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, schedule="cosine")
+    assert lr_at(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_at(9, 100, cfg) == pytest.approx(1.0)
+    assert lr_at(10, 100, cfg) == pytest.approx(1.0)
+    mid = 10 + 90 // 2
+    assert lr_at(mid, 100, cfg) == pytest.approx(0.55, abs=1e-6)
+    assert lr_at(100, 100, cfg) == pytest.approx(0.1)
+    values = [lr_at(s, 100, cfg) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_wsd_schedule_shape():
+    cfg = OptimConfig(lr=1.0, min_lr=0.0, warmup_steps=5, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(50, 100, cfg) == 1.0 and lr_at(79, 100, cfg) == 1.0
+    assert lr_at(80, 100, cfg) < 1.0
+    assert lr_at(99, 100, cfg) == pytest.approx(0.0)
+
+
+def test_param_groups_exclude_biases_and_norms():
+    from lmforge.models.decoder import DecoderLM
+
+    model = DecoderLM(ModelConfig(n_layers=1, n_heads=2, d_model=16, bias=True))
+    groups = {g["kind"]: g for g in param_groups(model, 0.1)}
+    decay_ids = {id(p) for p in groups["decay"]["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decay_ids) == (p.dim() >= 2), name
+    total = sum(p.numel() for g in groups.values() for p in g["params"])
+    assert total == model.num_params()  # the tied head is counted once
+
+
+def test_muon_orthogonalizes_and_trains():
+    from lmforge.train.muon import orthogonalize
+
+    g = torch.randn(32, 64)
+    o = orthogonalize(g)
+    s = torch.linalg.svdvals(o)
+    assert s.max() < 1.3 and s.min() > 0.5  # singular values pushed towards 1
+    from lmforge.models.decoder import DecoderLM
+    from lmforge.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(vocab_size=32, block_size=16, n_layers=2, n_heads=2, d_model=32))
+    opt = build_optimizer(model, OptimConfig(name="muon", lr=3e-3, muon_lr=0.02), "cpu")
+    assert any(g.get("muon") for g in opt.param_groups)
+    x = torch.randint(0, 32, (8, 16))
+    first = None
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten())
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.5 * first
