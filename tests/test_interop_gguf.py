@@ -103,7 +103,8 @@ def _quantized(w: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray]:
     return q, gguf.quants.dequantize(q, qtype).reshape(w.shape)
 
 
-def write_gguf(path: Path, hf_model, bpe, qtype=Q.F32, arch: str = "llama", rope_freqs=None, name="tiny"):
+def write_gguf(path: Path, hf_model, bpe, qtype=Q.F32, arch: str = "llama", rope_freqs=None, name="tiny",
+               pre: str = "default"):
     """Write ``hf_model`` as llama.cpp's converter would; return the model with the decoded weights in it."""
     cfg = hf_model.config
     tokens, merges, types = bpe
@@ -120,7 +121,7 @@ def write_gguf(path: Path, hf_model, bpe, qtype=Q.F32, arch: str = "llama", rope
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_vocab_size(cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
@@ -192,21 +193,22 @@ def test_synthetic_llama_types(qtype, tol, tmp_path, bpe):
 
 
 @needs_accelerate
-def test_synthetic_matches_transformers_gguf_loader(tmp_path, bpe):
+@pytest.mark.parametrize("pre", ["default", "llama-bpe", "qwen2"])
+def test_synthetic_matches_transformers_gguf_loader(pre, tmp_path, bpe):
     """Model and tokenizer against transformers' own GGUF reader on the same (Q8_0) file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     vocab = len(bpe[0])
     hf = _tiny_hf("llama", vocab, seed=2, tie_word_embeddings=False)
     path = tmp_path / "tiny.gguf"
-    write_gguf(path, hf, bpe, Q.Q8_0)
+    write_gguf(path, hf, bpe, Q.Q8_0, pre=pre)
     model, tok = G.load_gguf(path)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     ids = _ids(vocab, seed=3)
     with torch.no_grad():
         assert (theirs(ids).logits - model(ids)).abs().max().item() <= 1e-4
     their_tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
-    for text in (MIXED, "<|im_start|>user\nhi<|im_end|>\n", "  spaces  and\n\nnewlines 12345"):
+    for text in (MIXED, "<|im_start|>user\nhi<|im_end|>\n", "  spaces  and\n\nnewlines 12345 it's I'M"):
         assert tok.encode(text) == their_tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(tok.encode(MIXED)) == MIXED
 
@@ -257,7 +259,7 @@ def test_import_gguf_then_export_hf(tmp_path, bpe):
     write_gguf(path, hf, bpe, Q.Q4_0)
     ckpt = G.import_gguf(path, tmp_path / "ckpt")
     model, tok, meta = load_checkpoint(ckpt)
-    assert meta["source"]["format"] == "gguf" and tok.chat_template == CHAT_TEMPLATE
+    assert meta["imported_from"]["format"] == "gguf" and tok.chat_template == CHAT_TEMPLATE
     out = H.export_hf(model, tok, tmp_path / "hf")
     back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = _ids(vocab, seed=9)

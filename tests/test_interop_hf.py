@@ -285,6 +285,7 @@ def test_import_finetune_save_export(tmp_path, hf_tokenizer_dir):
     ckpt = H.import_hf(src, tmp_path / "ckpt")
     model, tok, meta = load_checkpoint(ckpt)
     assert meta["generation"]["temperature"] == 0.7 and meta["generation"]["top_p"] == 0.9
+    assert meta["imported_from"]["model_type"] == "llama"
     assert tok is not None and tok.chat_template == CHAT_TEMPLATE
 
     model.train()
@@ -403,3 +404,17 @@ def test_vocab_merges_only_tokenizer_dir(tmp_path, hf_tokenizer_dir):
     _, tok = H.load_hf(src)
     ref = AutoTokenizer.from_pretrained(hf_tokenizer_dir)
     assert tok.encode("Hello world, hello there 🤖") == ref("Hello world, hello there 🤖", add_special_tokens=False)["input_ids"]
+
+
+def test_explicit_nulls_and_class_defaults():
+    # Mistral with sliding_window null: no window, context not capped; null kv heads means n_heads.
+    m = H.config_from_hf({"model_type": "mistral", "vocab_size": 50, "hidden_size": 32, "intermediate_size": 64,
+                          "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": None,
+                          "max_position_embeddings": 32768, "sliding_window": None, "head_dim": None})
+    assert m.block_size == 32768 and m.kv_heads == 4 and m.hd == 8
+    # Keys left out fall back to the transformers class defaults (Mistral: 8 KV heads, window 4096).
+    m2 = H.config_from_hf({"model_type": "mistral", "vocab_size": 50, "hidden_size": 64, "intermediate_size": 64,
+                           "num_hidden_layers": 1, "num_attention_heads": 8})
+    assert m2.kv_heads == 8 and m2.block_size == 4096
+    with pytest.raises(UserError, match="malformed"):
+        H.config_from_hf({"model_type": "llama", "hidden_size": "wide"})

@@ -27,6 +27,12 @@ from .config import ConfigError, ModelConfig, UserError, model_config_from_json,
 
 FORMAT = "lmforge"
 VERSION = 1
+# A LoRA adapter checkpoint: config.json has "adapter" (its LoRA config) and "base" (the base model's path),
+# and adapter.safetensors holds the adapter weights only (plus a classification head's cls_head.* weights).
+ADAPTER_FILE = "adapter.safetensors"
+# Weights of a task head saved next to the language model's (e.g. a classifier's cls_head.weight); they are
+# not part of the language model, which load_checkpoint returns without them.
+HEAD_PREFIXES = ("cls_head.",)
 
 
 def unwrap(model):
@@ -98,11 +104,13 @@ def atomic_dir(final: Path, write) -> Path:
 
 def save_checkpoint(path: str | Path, model, *, tokenizer=None, generation: Optional[dict] = None,
                     train_state: Optional[dict] = None, extra: Optional[dict] = None,
-                    state_dict: Optional[dict] = None, with_weights: bool = True, before_commit=None) -> Path:
+                    state_dict: Optional[dict] = None, with_weights: bool = True, before_commit=None,
+                    weights_file: str = "model.safetensors") -> Path:
     """Write a CKPT directory atomically. ``extra`` adds keys to config.json (e.g. a LoRA base).
     ``state_dict`` replaces the module's own weights (a gathered FSDP state, say); ``with_weights=False``
     writes no model.safetensors (a sharded checkpoint whose weights live in dcp/); ``before_commit(tmp)``
-    may add files before the directory is renamed into place."""
+    may add files before the directory is renamed into place. ``weights_file`` names the weights file
+    (a LoRA adapter checkpoint writes adapter.safetensors, see ``load_checkpoint``)."""
     from safetensors.torch import save_file
     import torch
 
@@ -118,7 +126,7 @@ def save_checkpoint(path: str | Path, model, *, tokenizer=None, generation: Opti
             meta.update(extra)
         (tmp / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         if state is not None:
-            save_file({k: v.cpu().contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+            save_file({k: v.cpu().contiguous() for k, v in state.items()}, str(tmp / weights_file),
                       metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)
@@ -148,7 +156,8 @@ def step_checkpoints(run: Path, need_weights: bool = True) -> list[tuple[int, Pa
         m = _STEP_RE.match(p.name)
         if not (m and (p / "config.json").is_file()):
             continue
-        if (p / "model.safetensors").is_file() or (not need_weights and (p / "dcp").is_dir()):
+        if (p / "model.safetensors").is_file() or (p / ADAPTER_FILE).is_file() or \
+                (not need_weights and (p / "dcp").is_dir()):
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -261,6 +270,12 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype=None):
     from .models import build_model
 
     cfg, meta = read_config(ckpt)
+    if meta.get("adapter") is not None:
+        # A LoRA adapter: the base model with the adapter folded into its weights (lmforge.finetune.lora).
+        from .finetune.lora import load_adapter_checkpoint
+
+        model, tokenizer = load_adapter_checkpoint(ckpt, meta, device=device, dtype=dtype)
+        return model, tokenizer, dict(meta, path=str(ckpt))
     weights = ckpt / "model.safetensors"
     if not weights.is_file() and (ckpt / "dcp").is_dir():
         # A sharded (FSDP) checkpoint: consolidate its shards into one module on load.
@@ -279,12 +294,14 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype=None):
             state = load_file(str(weights), device=str(device))
         except Exception as e:  # safetensors raises its own error types for truncated files
             raise UserError(f"checkpoint {ckpt}: cannot read model.safetensors ({e})") from None
+        state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}  # e.g. a classifier's head
         load_state_into(model, state, str(ckpt))
         model.reinit_buffers()
         if cfg.tie_embeddings:
             model.lm_head.weight = model.tok_emb.weight
     if dtype is not None:
         model = model.to(dtype)
+        model.reinit_buffers()  # RoPE frequencies stay fp32
     model.eval()
     tokenizer = None
     if (ckpt / "tokenizer.json").is_file():

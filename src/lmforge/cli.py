@@ -31,8 +31,8 @@ class GenerateArgs:
 
     model: tyro.conf.Positional[str]
     """A checkpoint, run or Hugging Face model directory."""
-    prompt: list[str] = field(default_factory=lambda: [""])
-    """One or more prompts (several are decoded as one batch)."""
+    prompt: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """A prompt; repeat the flag for several (they are decoded as one batch)."""
     gen: Annotated[GenerateConfig, tyro.conf.arg(name="")] = field(default_factory=GenerateConfig)
     chat: bool = False
     """Wrap each prompt as a user message with the model's chat template."""

@@ -36,10 +36,12 @@ def _check(cond: bool, name: str, msg: str) -> None:
 @dataclass
 class ModelConfig:
     """Architecture of a Transformer language model. One dataclass covers GPT-2, Llama, Mistral and
-    Qwen2 style decoders (and the original Transformer's sinusoidal positions) through switches."""
+    Qwen2 style decoders (and the original Transformer's sinusoidal positions) through switches, plus
+    the encoder-decoder Transformer (Vaswani et al. 2017; Marian) and BERT-style encoders (``arch``)."""
 
-    arch: Literal["decoder"] = "decoder"
-    """Model family: a decoder-only causal LM."""
+    arch: Literal["decoder", "seq2seq", "encoder"] = "decoder"
+    """Model family: a decoder-only causal LM, an encoder-decoder (models/seq2seq.py) or an encoder-only
+    BERT-style model (models/encoder.py)."""
     vocab_size: int = 256
     """Number of token ids (embedding rows)."""
     block_size: int = 256
@@ -56,8 +58,9 @@ class ModelConfig:
     """Per-head width; None means d_model // n_heads."""
     d_ff: Optional[int] = None
     """Hidden width of the MLP; None means 4*d_model (gelu/relu2) or the Llama rule for swiglu."""
-    mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu2"] = "gelu_tanh"
-    """MLP type: GELU (exact or GPT-2's tanh approximation), SwiGLU (Llama), or squared ReLU."""
+    mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu2", "relu", "silu"] = "gelu_tanh"
+    """MLP type: GELU (exact or GPT-2's tanh approximation), SwiGLU (Llama), squared ReLU, ReLU (the
+    original Transformer) or SiLU/swish (Marian)."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     """Normalization layer."""
     norm_eps: float = 1e-5
@@ -92,6 +95,37 @@ class ModelConfig:
     scale_embeddings: bool = False
     """Multiply token embeddings by sqrt(d_model), as the original Transformer does."""
 
+    # Encoder-decoder (arch seq2seq) and encoder-only (arch encoder) models ------------------------
+    n_encoder_layers: Optional[int] = None
+    """seq2seq: encoder blocks; None means n_layers."""
+    n_decoder_layers: Optional[int] = None
+    """seq2seq: decoder blocks; None means n_layers."""
+    norm_position: Literal["pre", "post"] = "pre"
+    """seq2seq/encoder: "pre" computes x + f(norm(x)) with a final norm after the stack (Xiong et al. 2020);
+    "post" computes norm(x + f(x)) as the original Transformer, Marian and BERT do. Decoders are pre-norm."""
+    src_vocab_size: Optional[int] = None
+    """seq2seq: rows of a separate source embedding (two vocabularies); None means source and target
+    share one vocabulary and one embedding matrix of vocab_size rows."""
+    type_vocab_size: int = 0
+    """encoder: token types (BERT's segment A/B embeddings: 2); 0 means no token-type embedding."""
+    embed_norm: bool = False
+    """seq2seq/encoder: normalize the summed embeddings before the first block (BERT)."""
+    sinusoidal_layout: Literal["interleave", "concat"] = "interleave"
+    """Sinusoidal positions: sin and cos interleaved per frequency (the paper's formula), or all sines then
+    all cosines (tensor2tensor, fairseq and Marian). Only the interleaved layout is used by decoders."""
+    head_bias: bool = False
+    """seq2seq/encoder: a bias on the output projection (Marian's final_logits_bias; BERT's MLM bias)."""
+    pooler: bool = False
+    """encoder: BERT's pooler tanh(W h_0 + b) over the first ([CLS]) position, which feeds the classifier."""
+    n_labels: int = 0
+    """encoder: classes of a sequence-classification head on the pooled output; 0 means no head."""
+    mlm_head: bool = True
+    """encoder: a masked-LM head (dense, activation, norm, then the output projection over the vocabulary)."""
+    pad_id: Optional[int] = None
+    """seq2seq/encoder: the padding token id; masks are built from it when a batch has padding."""
+    decoder_start_id: Optional[int] = None
+    """seq2seq: the token that starts every decoder input (lmforge tokenizers: BOS; Marian: pad)."""
+
     # Derived values -----------------------------------------------------------------------------
     @property
     def kv_heads(self) -> int:
@@ -115,6 +149,14 @@ class ModelConfig:
     def use_qkv_bias(self) -> bool:
         return self.bias if self.qkv_bias is None else self.qkv_bias
 
+    @property
+    def enc_layers(self) -> int:
+        return self.n_encoder_layers if self.n_encoder_layers is not None else self.n_layers
+
+    @property
+    def dec_layers(self) -> int:
+        return self.n_decoder_layers if self.n_decoder_layers is not None else self.n_layers
+
     def validate(self, prefix: str = "model") -> "ModelConfig":
         p = prefix + "."
         _check(self.vocab_size >= 2, p + "vocab_size", f"must be >= 2, got {self.vocab_size}")
@@ -135,7 +177,43 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, p + "dropout", f"must be in [0, 1), got {self.dropout}")
         _check(self.norm_eps > 0, p + "norm_eps", "must be > 0")
         _check(self.rope_factor > 0, p + "rope_factor", "must be > 0")
+        self._validate_arch(p)
         return self
+
+    def _validate_arch(self, p: str) -> None:
+        """Fields that belong to one family must keep their defaults in the others (nothing is silently
+        ignored), and the encoder-decoder / encoder models support fewer positional schemes."""
+        arch = self.arch
+        _check(arch in ("decoder", "seq2seq", "encoder"), p + "arch",
+               f"must be decoder, seq2seq or encoder, got {arch!r}")
+        only = {"n_encoder_layers": ("seq2seq",), "n_decoder_layers": ("seq2seq",), "src_vocab_size": ("seq2seq",),
+                "decoder_start_id": ("seq2seq",), "type_vocab_size": ("encoder",), "pooler": ("encoder",),
+                "n_labels": ("encoder",), "norm_position": ("seq2seq", "encoder"),
+                "embed_norm": ("seq2seq", "encoder"), "head_bias": ("seq2seq", "encoder")}
+        for name, archs in only.items():
+            default = next(f.default for f in fields(self) if f.name == name)
+            _check(arch in archs or getattr(self, name) == default, p + name,
+                   f"applies to arch {' or '.join(archs)} only (this model is arch {arch}); leave it at {default!r}")
+        if arch == "decoder":
+            _check(self.sinusoidal_layout == "interleave", p + "sinusoidal_layout",
+                   "decoders use the interleaved layout; 'concat' applies to seq2seq and encoder models")
+            return
+        _check(self.pos in ("learned", "sinusoidal", "none"), p + "pos",
+               f"arch {arch} supports learned, sinusoidal or none positions, got {self.pos!r}")
+        _check(not self.qk_norm, p + "qk_norm", f"is not supported by arch {arch}")
+        for name in ("n_encoder_layers", "n_decoder_layers"):
+            v = getattr(self, name)
+            _check(v is None or v >= 1, p + name, f"must be >= 1, got {v}")
+        _check(self.src_vocab_size is None or self.src_vocab_size >= 2, p + "src_vocab_size",
+               f"must be >= 2, got {self.src_vocab_size}")
+        _check(self.type_vocab_size >= 0, p + "type_vocab_size", f"must be >= 0, got {self.type_vocab_size}")
+        _check(self.n_labels >= 0, p + "n_labels", f"must be >= 0, got {self.n_labels}")
+        if self.pad_id is not None:
+            rows = min(self.vocab_size, self.src_vocab_size or self.vocab_size)
+            _check(0 <= self.pad_id < rows, p + "pad_id", f"must be a token id in [0, {rows}), got {self.pad_id}")
+        if self.decoder_start_id is not None:
+            _check(0 <= self.decoder_start_id < self.vocab_size, p + "decoder_start_id",
+                   f"must be a token id in [0, {self.vocab_size}), got {self.decoder_start_id}")
 
     def num_params(self, include_embeddings: bool = True) -> int:
         """Exact parameter count, computed from the config alone (matches the built module)."""
@@ -149,6 +227,8 @@ class ModelConfig:
         else:
             mlp = d * ff + ff * d + ((ff + d) if self.bias else 0)
         block = 2 * norm_p + attn + mlp
+        if self.arch != "decoder":
+            return self._num_params_encdec(norm_p, attn, mlp, include_embeddings)
         total = self.n_layers * block + norm_p
         if include_embeddings:
             total += V * d
@@ -157,6 +237,30 @@ class ModelConfig:
             if not self.tie_embeddings:
                 total += V * d
         return total
+
+    def _num_params_encdec(self, norm_p: int, attn: int, mlp: int, include_embeddings: bool) -> int:
+        """num_params of the seq2seq and encoder archs (module layouts: models/seq2seq.py, models/encoder.py).
+        Cross-attention has as many weights as self-attention (q from the decoder, k and v from the memory)."""
+        d, V = self.d_model, self.vocab_size
+        pre = self.norm_position == "pre"
+        enc_block = 2 * norm_p + attn + mlp
+        head_b = V if self.head_bias else 0
+        if self.arch == "encoder":
+            total = self.n_layers * enc_block + (norm_p if pre else 0) + (norm_p if self.embed_norm else 0)
+            total += (d * d + d) if self.pooler else 0
+            total += (self.n_labels * d + self.n_labels) if self.n_labels else 0
+            if self.mlm_head:
+                total += d * d + (d if self.bias else 0) + norm_p + head_b
+            embeddings = V * d + self.type_vocab_size * d + (self.block_size * d if self.pos == "learned" else 0)
+            embeddings += V * d if (self.mlm_head and not self.tie_embeddings) else 0
+        else:  # seq2seq
+            dec_block = 3 * norm_p + 2 * attn + mlp
+            total = self.enc_layers * enc_block + self.dec_layers * dec_block + (2 * norm_p if pre else 0)
+            total += (2 * norm_p if self.embed_norm else 0) + head_b
+            embeddings = V * d + (self.src_vocab_size or 0) * d
+            embeddings += 2 * self.block_size * d if self.pos == "learned" else 0
+            embeddings += 0 if self.tie_embeddings else V * d
+        return total + (embeddings if include_embeddings else 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,6 +428,8 @@ class TrainConfig:
     """FSDP: recompute each block's activations in the backward pass to save memory."""
     cpu_offload: bool = False
     """FSDP: keep sharded parameters and optimizer state in CPU memory."""
+    trace_samples: bool = False
+    """Write the global sample indices each process consumes to RUN/samples-rankN.jsonl (data audit)."""
     dist_timeout_s: int = 600
     """Seconds a rank waits for the others before giving up (a dead rank ends the run, not hangs it)."""
 
@@ -400,6 +506,134 @@ class GenerateConfig:
         _check(self.top_k >= 0, "top_k", "must be >= 0")
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         _check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Fine-tuning and evaluation
+
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2", "lm_head")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021): a frozen linear layer W gets a trainable update
+    (alpha / rank) * B A, with A [rank, in] and B [out, rank]; B starts at zero so training starts at W."""
+
+    rank: int = 0
+    """Adapter rank; 0 means no adapters: full fine-tuning of every weight."""
+    alpha: float = 16.0
+    """The update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (training only)."""
+    targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+    """Linear layers to adapt, by name: qkv and proj (attention), fc1 and fc2 (MLP), lm_head."""
+
+    def validate(self) -> "LoraConfig":
+        _check(self.rank >= 0, "lora.rank", f"must be >= 0, got {self.rank}")
+        _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.rank:
+            _check(len(self.targets) > 0, "lora.targets", "give at least one layer name")
+            for t in self.targets:
+                _check(t in LORA_TARGETS, "lora.targets", f"unknown layer {t!r} (known: {', '.join(LORA_TARGETS)})")
+        return self
+
+
+@dataclass
+class FinetuneConfig:
+    """`lmforge finetune sft|classify`: fine-tune a pretrained model on labeled data, fully or with LoRA."""
+
+    model: str = ""
+    """Base model: a checkpoint, run or Hugging Face model directory."""
+    data: str = ""
+    """Training data. sft: .jsonl in Alpaca form {"instruction", "input", "output"} or chat form
+    {"messages": [{"role", "content"}, ...]}. classify: .jsonl {"text", "label"} or a folder with one
+    subfolder of .txt files per label."""
+    out: str = "runs/finetune"
+    """Run directory (run.yaml, metrics.jsonl, checkpoints/, final/)."""
+    task: Literal["sft", "classify"] = "sft"
+    """The objective (set by the subcommand)."""
+    resume: bool = False
+    """Continue the run in --out from its newest checkpoint."""
+    val_data: Optional[str] = None
+    """Validation data in the same form; None holds out --val-fraction of --data."""
+    val_fraction: float = 0.1
+    """Fraction of the examples held out for validation when --val-data is not given."""
+    max_len: Optional[int] = None
+    """Tokens per sequence (a packed row, or one example); None means the model's block_size, at most 1024.
+    Longer examples are truncated (sft: from the end; classify: the text is cut)."""
+    pack: bool = True
+    """sft: pack short examples into full rows (attention and positions stay inside each example)."""
+    system: Optional[str] = None
+    """sft: a system message put before every conversation that has none."""
+    text_field: str = "text"
+    """classify: the field holding the text in .jsonl data."""
+    label_field: str = "label"
+    """classify: the field holding the label in .jsonl data."""
+    labels: list[str] = field(default_factory=list)
+    """classify: the label names in order; empty means the sorted labels found in the training data."""
+    class_weights: Literal["none", "balanced"] = "none"
+    """classify: weight the loss per class; balanced weights each class by n / (k * count)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, min_lr=5e-5, warmup_steps=20,
+                                                                   weight_decay=0.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=8, eval_every=100,
+                                                                   eval_batches=10, save_every=100))
+
+    def validate(self) -> "FinetuneConfig":
+        _check(bool(self.model), "model", "give the base model (--model CKPT)")
+        _check(bool(self.data), "data", "give the training data (--data FILE)")
+        _check(bool(self.out), "out", "give the run directory (--out DIR)")
+        _check(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        _check(self.max_len is None or self.max_len >= 2, "max_len", "must be >= 2")
+        _check(len(set(self.labels)) == len(self.labels), "labels", "names must be distinct")
+        self.lora.validate()
+        self.optim.validate()
+        self.train.validate()
+        if self.train.stop_after:
+            _check(self.train.stop_after < self.train.steps, "train.stop_after", "must be < train.steps")
+        return self
+
+
+@dataclass
+class EvaluateConfig:
+    """`lmforge evaluate MODEL --task ... --data FILE`: score a model and print a table (and JSON)."""
+
+    model: str = ""
+    """A checkpoint, run, adapter or Hugging Face model directory."""
+    task: Literal["perplexity", "classify", "squad"] = "perplexity"
+    """perplexity: perplexity and bits per byte of text; classify: accuracy, macro-F1 and confusion matrix
+    of a classifier; squad: exact match and F1 of generated answers (SQuAD style)."""
+    data: str = ""
+    """perplexity: .txt/.jsonl files or a folder; classify: .jsonl {"text", "label"} or a folder per label;
+    squad: .jsonl {"question", "context"?, "answers": [...]} or a SQuAD v1.1 .json file."""
+    out: Optional[str] = None
+    """Also write the results as JSON to this file."""
+    max_examples: int = 0
+    """Score only the first N examples (documents for perplexity); 0 means all."""
+    batch_size: int = 8
+    """Examples per forward pass."""
+    max_len: Optional[int] = None
+    """Tokens per window (perplexity) or per text (classify); None means the model's block_size."""
+    text_field: str = "text"
+    """The field holding the text in .jsonl data."""
+    label_field: str = "label"
+    """classify: the field holding the label."""
+    max_new_tokens: int = 32
+    """squad: answer length limit in tokens."""
+    prompt_format: Literal["chat", "plain"] = "chat"
+    """squad: ask with the model's chat template, or as plain "Context/Question/Answer:" text."""
+    device: str = "cpu"
+    """cpu, cuda, cuda:N or mps."""
+
+    def validate(self) -> "EvaluateConfig":
+        _check(bool(self.model), "model", "give the model (lmforge evaluate MODEL ...)")
+        _check(bool(self.data), "data", "give the evaluation data (--data FILE)")
+        _check(self.max_examples >= 0, "max_examples", "must be >= 0")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.max_len is None or self.max_len >= 2, "max_len", "must be >= 2")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         return self
 
 

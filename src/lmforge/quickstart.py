@@ -35,12 +35,16 @@ def _calibrate(mcfg: ModelConfig, batch: int, block: int, seconds: float = 4.0) 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up
-    t0, n = time.perf_counter(), 0
-    while time.perf_counter() - t0 < seconds or n < 3:
+    for _ in range(2):  # warm-up: allocator and kernel selection
         step()
-        n += 1
-    return (time.perf_counter() - t0) / n
+    times = []
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(times) < 5:
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]  # the median resists a busy neighbour process
 
 
 def quickstart(args) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
@@ -57,6 +58,7 @@ _GUESSES = {
 }
 # Tokens that end an assistant turn in common chat formats (ChatML, Llama 3, Gemma).
 _TURN_END_TOKENS = (IM_END_TOKEN, "<|eot_id|>", "<end_of_turn>", "<|end|>")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _token_content(value: Any) -> Optional[str]:
@@ -155,8 +157,11 @@ class Tokenizer:
 
     def hf_config(self, model_max_length: Optional[int] = None) -> dict:
         """The tokenizer_config.json contents (what transformers reads)."""
-        cfg = {"tokenizer_class": self._config.get("tokenizer_class") or "PreTrainedTokenizerFast", **self._config}
-        cfg.pop("auto_map", None)  # custom tokenizer classes are not shipped with our copy
+        # The generic class makes transformers use tokenizer.json exactly as written (a model-specific class
+        # may rebuild or adjust the pipeline), so its ids always equal ours.
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **self._config}
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        cfg.pop("auto_map", None)  # custom tokenizer code is not shipped with our copy
         cfg.update({name: self._special[name] for name in _NAMED})
         cfg.pop("extra_special_tokens", None)
         cfg["additional_special_tokens"] = list(self._extra)
@@ -317,7 +322,13 @@ class Tokenizer:
     def _encode_hf(self, texts: list[str]) -> list[np.ndarray]:
         # encode_batch_fast (tokenizers >= 0.21) skips computing offsets, which we never use.
         enc = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return [np.asarray(e.ids, dtype=np.int64) for e in enc(texts, add_special_tokens=False)]
+        try:
+            encodings = enc(texts, add_special_tokens=False)
+        except TypeError:
+            # Lone surrogates (e.g. from a "\ud800" escape in JSON) are not Unicode scalar values and the
+            # Rust encoder rejects them; encode each as U+FFFD, as a UTF-8 decoder would.
+            encodings = enc([_LONE_SURROGATE.sub("\ufffd", t) for t in texts], add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
 
     def _encode_char_fast(self, text: str) -> Optional[np.ndarray]:
         """Char kind: look code points up in a table (~50x faster than the generic pipeline).

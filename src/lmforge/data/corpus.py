@@ -122,12 +122,12 @@ def iter_documents(paths: Sequence[str | Path], text_field: str = "text",
 # Plain text
 
 
-def _decode(data: bytes, errors: str, path: Path, offset: int) -> str:
+def _decode(data: bytes, errors: str, path: Path, offset: int, where: str = "") -> str:
     try:
         return data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: invalid UTF-8 at byte offset {offset + e.start} ({e.reason}); fix the file or "
-                        f"pass --errors replace to replace undecodable bytes with U+FFFD") from None
+        raise UserError(f"{path}: invalid UTF-8{where} at byte offset {offset + e.start} ({e.reason}); fix the "
+                        f"file or pass --errors replace to replace undecodable bytes with U+FFFD") from None
 
 
 def _utf8_boundary(data: bytes) -> int:
@@ -255,7 +255,7 @@ def _iter_jsonl(path: Path, field: str, errors: str, chunk_bytes: int) -> Iterat
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             start, offset = offset, offset + len(raw)
-            line = _decode(raw, errors, path, start)
+            line = _decode(raw, errors, path, start, f" on line {lineno}")
             if lineno == 1:
                 line = line.removeprefix("\ufeff")
             if not line.strip():

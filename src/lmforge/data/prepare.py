@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import glob
 import json
 import os
 import shutil
+import signal
+import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -83,6 +87,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True, *, chunk_bytes: int = DEF
             "val_fraction": cfg.val_fraction, "text_field": cfg.text_field, "tokenizer": "tokenizer.json",
         }
         tok.save(tmp)
+        (tmp / _OWNER_FILE).unlink()
         atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: marks the data valid
         fsync_dir(tmp)
         _replace_dir(tmp, out)
@@ -124,10 +129,31 @@ def _make_tmp(out: Path) -> Path:
         raise UserError(f"cannot create the output directory {parent}: {e.strerror or e}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to {parent} (permission denied); choose another --out")
+    _remove_stale_tmps(out)
     try:
-        return Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=parent))
+        (tmp / _OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
     except OSError as e:
         raise UserError(f"cannot write to {parent}: {e.strerror or e}; choose another --out") from None
+    return tmp
+
+
+_OWNER_FILE = ".prepare-owner"
+
+
+def _remove_stale_tmps(out: Path) -> None:
+    """Delete temp dirs of earlier prepare runs into ``out`` that were killed (their process is gone)."""
+    host = socket.gethostname()
+    for d in out.parent.glob(f"{glob.escape(out.name)}.tmp-*"):
+        try:
+            owner_host, pid = (d / _OWNER_FILE).read_text().split()
+            if owner_host != host:
+                continue  # another machine's run (shared file system): not ours to judge
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (OSError, ValueError):
+            continue
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -201,6 +227,8 @@ _worker_state: dict = {}
 def _worker_init(tok: Tokenizer, dtype_str: str) -> None:
     # One tokenizer thread per process: the pool already uses every core, extra threads would fight.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Ctrl-C is handled by the parent (it stops the pool and cleans up); workers need not print tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_state["tok"] = tok
     _worker_state["dtype"] = np.dtype(dtype_str)
 
@@ -218,9 +246,21 @@ def _tokenize(items: Iterable[tuple[Item, int]], tok: Tokenizer, workers: int,
         return
     import multiprocessing as mp
 
-    # spawn, not fork: the parent may hold threads (tqdm, torch) that fork would copy in a broken state.
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(tok, dtype.str)) as pool:
+    # fork where it is safe and cheap (Linux): spawn would re-run the caller's __main__ in every worker,
+    # which breaks scripts without an `if __name__ == "__main__"` guard, notebooks and `python -`.
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    # Children inherit this; it keeps each worker's tokenizer single-threaded and silences the
+    # tokenizers "process just got forked" warning.
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = ctx.Pool(workers, initializer=_worker_init, initargs=(tok, dtype.str))
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+    with pool:
         # A bounded window of work in flight (Pool.imap would read the whole corpus ahead into memory).
         window: collections.deque = collections.deque()
         for item, consumed in items:

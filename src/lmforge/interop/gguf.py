@@ -361,5 +361,5 @@ def import_gguf(file: str | Path, out: str | Path) -> Path:
 
     model, tokenizer = load_gguf(file)
     f = Path(file)
-    extra = {"source": {"format": "gguf", "path": str(f.resolve())}}
+    extra = {"imported_from": {"format": "gguf", "path": str(f.resolve())}}
     return save_checkpoint(out, model, tokenizer=tokenizer, extra=extra)

@@ -45,16 +45,23 @@ _ARCH_TO_TYPE = {
     "Qwen2ForCausalLM": "qwen2", "Qwen2Model": "qwen2",
     "Qwen3ForCausalLM": "qwen3", "Qwen3Model": "qwen3",
 }
-# Defaults of the transformers config classes for keys that save_pretrained may leave out.
+# Defaults of the transformers config classes, for keys that save_pretrained may leave out of config.json.
 _DEFAULTS = {
     "gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
              "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True},
-    "llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
-    "mistral": {"max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-                "sliding_window": 4096, "num_key_value_heads": 8},
-    "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
-    "qwen3": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-              "head_dim": 128},
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+              "tie_word_embeddings": False},
+    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,
+                "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "sliding_window": 4096},
+    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 32768,
+              "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "sliding_window": 4096},
+    "qwen3": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128,
+              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+              "sliding_window": 4096},
 }
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
              "gelu": "gelu"}
@@ -85,7 +92,8 @@ def _model_type(hf_cfg: dict) -> str:
 
 
 def _get(hf_cfg: dict, mt: str, key: str, default: Any = None) -> Any:
-    if key in hf_cfg and hf_cfg[key] is not None:
+    """The value in config.json (an explicit null included), else the transformers class default."""
+    if key in hf_cfg:
         return hf_cfg[key]
     return _DEFAULTS.get(mt, {}).get(key, default)
 
@@ -115,13 +123,27 @@ def _rope_params(hf_cfg: dict) -> dict:
 
 def config_from_hf(hf_cfg: dict) -> ModelConfig:
     """The lmforge ModelConfig of a transformers config.json dict. Unsupported options raise UserError."""
+    try:
+        cfg = _config_from_hf(hf_cfg)
+    except (TypeError, KeyError, ValueError) as e:  # a missing or malformed value in config.json
+        if isinstance(e, ConfigError):
+            raise UserError(f"Hugging Face config cannot be represented: {e}") from None
+        raise UserError(f"Hugging Face config.json has a missing or malformed value ({type(e).__name__}: {e})") \
+            from None
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        raise UserError(f"Hugging Face config cannot be represented: {e}") from None
+
+
+def _config_from_hf(hf_cfg: dict) -> ModelConfig:
     mt = _model_type(hf_cfg)
     g = lambda key, default=None: _get(hf_cfg, mt, key, default)  # noqa: E731
     if mt == "gpt2":
         act = g("activation_function")
         if act not in _GPT2_ACT:
             raise UserError(f"unsupported GPT-2 option activation_function={act!r} (supported: {sorted(_GPT2_ACT)})")
-        if not g("scale_attn_weights", True):
+        if g("scale_attn_weights", True) is False:
             raise UserError("unsupported GPT-2 option scale_attn_weights=false (lmforge always scales by 1/sqrt(D))")
         if g("scale_attn_by_inverse_layer_idx", False):
             raise UserError("unsupported GPT-2 option scale_attn_by_inverse_layer_idx=true")
@@ -132,7 +154,7 @@ def config_from_hf(hf_cfg: dict) -> ModelConfig:
             vocab_size=g("vocab_size"), block_size=g("n_positions"), n_layers=g("n_layer"), n_heads=g("n_head"),
             d_model=d, d_ff=g("n_inner") or 4 * d, mlp=_GPT2_ACT[act], norm="layernorm",
             norm_eps=float(g("layer_norm_epsilon")), pos="learned", bias=True, qkv_bias=None,
-            tie_embeddings=bool(g("tie_word_embeddings")), init_std=float(g("initializer_range", 0.02)),
+            tie_embeddings=bool(g("tie_word_embeddings")), init_std=float(g("initializer_range") or 0.02),
         )
     else:
         act = g("hidden_act", "silu")
@@ -184,13 +206,10 @@ def config_from_hf(hf_cfg: dict) -> ModelConfig:
             head_dim=head_dim if head_dim * heads != d else None, d_ff=int(g("intermediate_size")),
             mlp="swiglu", norm="rmsnorm", norm_eps=float(g("rms_norm_eps")), pos="rope",
             bias=bias, qkv_bias=qkv_b if qkv_b != bias else None, qk_norm=(mt == "qwen3"),
-            tie_embeddings=bool(g("tie_word_embeddings")), init_std=float(g("initializer_range", 0.02)),
+            tie_embeddings=bool(g("tie_word_embeddings")), init_std=float(g("initializer_range") or 0.02),
             **rope,
         )
-    try:
-        return cfg.validate()
-    except ConfigError as e:
-        raise UserError(f"Hugging Face config cannot be represented: {e}") from None
+    return cfg
 
 
 # ==================================================================================================
@@ -745,7 +764,7 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     if not src.is_dir():
         raise UserError(f"Hugging Face model directory not found: {src}")
     model, tokenizer = load_hf(src)
-    extra = {"source": {"format": "hf", "path": str(src.resolve()),
+    extra = {"imported_from": {"format": "hf", "path": str(src.resolve()),
                         "model_type": read_hf_config(src).get("model_type")}}
     return save_checkpoint(out, model, tokenizer=tokenizer, generation=_read_generation(src), extra=extra)
 

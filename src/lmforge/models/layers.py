@@ -68,6 +68,10 @@ class MLP(nn.Module):
             h_BTF = F.gelu(h_BTF)
         elif self.kind == "gelu_tanh":  # GPT-2's approximation ("gelu_new")
             h_BTF = F.gelu(h_BTF, approximate="tanh")
+        elif self.kind == "relu":  # the original Transformer (Vaswani et al. 2017, eq. 2)
+            h_BTF = F.relu(h_BTF)
+        elif self.kind == "silu":  # swish (Ramachandran et al. 2017), Marian's default
+            h_BTF = F.silu(h_BTF)
         else:  # relu2: squared ReLU (So et al. 2021, "Primer")
             h_BTF = F.relu(h_BTF).square()
         return self.drop(self.fc2(h_BTF))
@@ -77,12 +81,15 @@ class MLP(nn.Module):
 # Positional encodings
 
 
-def sinusoidal_encoding(positions_BT: torch.Tensor, dim: int) -> torch.Tensor:
+def sinusoidal_encoding(positions_BT: torch.Tensor, dim: int, layout: str = "interleave") -> torch.Tensor:
     """The original Transformer's encoding (Vaswani et al. 2017, section 3.5):
-    PE[pos, 2i] = sin(pos / 10000^(2i/dim)), PE[pos, 2i+1] = cos(pos / 10000^(2i/dim))."""
+    PE[pos, 2i] = sin(pos / 10000^(2i/dim)), PE[pos, 2i+1] = cos(pos / 10000^(2i/dim)).
+    ``layout="concat"`` puts all sines first, then all cosines (tensor2tensor, fairseq, Marian)."""
     i = torch.arange(0, dim, 2, device=positions_BT.device, dtype=torch.float32)
     inv_freq = torch.exp(-math.log(10000.0) * i / dim)
     angles_BTI = positions_BT.float()[..., None] * inv_freq
+    if layout == "concat":
+        return torch.cat([angles_BTI.sin(), angles_BTI.cos()], dim=-1)
     pe = torch.stack([angles_BTI.sin(), angles_BTI.cos()], dim=-1)  # interleave sin, cos
     return pe.flatten(-2)
 

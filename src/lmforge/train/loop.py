@@ -54,6 +54,8 @@ class TrainTask:
     """Keys added to each checkpoint's config.json."""
     trainable: Optional[Callable[[nn.Module], dict]] = None
     """If set, the state dict to checkpoint (LoRA saves only its adapters)."""
+    weights_file: str = "model.safetensors"
+    """File name of the checkpointed weights (a LoRA adapter checkpoint uses adapter.safetensors)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,6 +169,9 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
     info = dist_info or DistInfo()
     device = pick_device(D.device_for(info, tcfg) or tcfg.device)
     dtype = pick_dtype(tcfg.dtype, device)
+    if task.trainable is not None and info.mode == "fsdp":
+        raise UserError("train.parallel: fsdp cannot checkpoint a partial state (LoRA adapters, task heads); "
+                        "use --train.parallel ddp")
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     model = D.wrap_model(task.model.to(device), info, tcfg, device, dtype)
@@ -202,6 +207,8 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
     metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
     if main:
         metrics.truncate_after(step)
+    trace = MetricsLog(out / f"samples-rank{info.rank}.jsonl", enabled=tcfg.trace_samples)
+    trace.truncate_after(step)
     bar = _progress(tcfg.steps, step, tcfg.progress and main)
     last_ckpt: Optional[Path] = None
     rng_at_step_start: Optional[dict] = None
@@ -233,9 +240,11 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
             _, optim_sd = get_state_dict(model, optimizer)
             state["optimizer"] = optim_sd
             if main:
-                save_checkpoint(path, plain, tokenizer=task.tokenizer, train_state=state, extra=extra)
+                weights = dict(state_dict=task.trainable(plain) if task.trainable is not None else None,
+                               weights_file=task.weights_file)
+                save_checkpoint(path, plain, tokenizer=task.tokenizer, train_state=state, extra=extra, **weights)
                 if final:
-                    save_checkpoint(out / "final", plain, tokenizer=task.tokenizer, extra=extra)
+                    save_checkpoint(out / "final", plain, tokenizer=task.tokenizer, extra=extra, **weights)
         if main:
             _prune(out, tcfg.keep_checkpoints)
         D.barrier(info)
@@ -252,7 +261,9 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
             loss_sum = 0.0
             for micro in range(tcfg.grad_accum):
                 first = samples + (micro * info.world_size + info.rank) * tcfg.batch_size
-                batch = _to_device(task.get_batch(list(range(first, first + tcfg.batch_size))), device)
+                indices = list(range(first, first + tcfg.batch_size))
+                trace.write(step=step + 1, micro=micro, indices=indices)
+                batch = _to_device(task.get_batch(indices), device)
                 with D.no_sync(model, info, last_micro=micro == tcfg.grad_accum - 1):
                     with autocast(device, dtype):
                         loss = task.loss_fn(fwd_model, batch)
@@ -286,8 +297,11 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
                 val = evaluate(fwd_model, task, device, dtype, info)
                 if val is not None:
                     metrics.write(event="val", step=step, val_loss=val, val_ppl=math.exp(min(val, 50.0)))
+                    msg = f"step {step}: val loss {val:.4f} (ppl {math.exp(min(val, 50.0)):.2f})"
                     if bar is not None:
-                        bar.write(f"step {step}: val loss {val:.4f} (ppl {math.exp(min(val, 50.0)):.2f})")
+                        bar.write(msg)
+                    elif main:
+                        log(msg)
                 if tcfg.plot and main:
                     plot_metrics(out)
 
@@ -311,6 +325,7 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
         if bar is not None:
             bar.close()
         metrics.close()
+        trace.close()
     if tcfg.plot and main:
         plot_metrics(out)
     return last_ckpt if last_ckpt is not None else out / "final"

@@ -1,0 +1,264 @@
+"""Tokenizer: training, save/load, Hugging Face compatibility, chat templates, streaming decode."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+
+from lmforge.config import ConfigError, TokenizerConfig, UserError
+from lmforge.tokenizer import DEFAULT_CHAT_TEMPLATE, SPECIAL_TOKENS, StreamDecoder, Tokenizer
+
+MIXED = "Hello, world!  The model says:\n\n  你好世界 🤖🎉\r\ndef f(x):\n\treturn x**2\n  trailing  "
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Say hi 👋"},
+    {"role": "assistant", "content": "hi"},
+    {"role": "user", "content": "again"},
+]
+
+
+@pytest.fixture(scope="module")
+def bpe(shakespeare_text, tmp_path_factory) -> Tokenizer:
+    tok = Tokenizer.train_from_iterator([shakespeare_text[:300_000]], kind="bpe", vocab_size=600)
+    d = tmp_path_factory.mktemp("bpe")
+    tok.save(d)
+    return Tokenizer.load(d)
+
+
+@pytest.fixture(scope="module")
+def char(shakespeare_text) -> Tokenizer:
+    return Tokenizer.train_from_iterator([shakespeare_text[:100_000]], kind="char")
+
+
+# --------------------------------------------------------------------------------------------------
+# Training and save/load
+
+
+def test_bpe_special_tokens_vocab_and_roundtrip(bpe, tmp_path):
+    assert [bpe.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert (bpe.eos_id, bpe.bos_id, bpe.pad_id, bpe.unk_id) == (0, 1, 2, None)
+    assert bpe.vocab_size == 600  # special tokens included
+    assert bpe.kind == "bpe"
+    assert bpe.stop_ids == [0, 4]
+    # Any text round-trips, including scripts and emoji never seen in training.
+    for s in [MIXED, "日本語のテキスト", "🤖" * 5, "", " ", "\x00\x01 control", "e\u0301 combining"]:
+        assert bpe.decode(bpe.encode(s)) == s
+    bpe.save(tmp_path)
+    again = Tokenizer.load(tmp_path)
+    assert again.hash == bpe.hash and len(bpe.hash) == 64
+    assert again.encode(MIXED) == bpe.encode(MIXED)
+    assert again.chat_template == DEFAULT_CHAT_TEMPLATE
+
+
+def test_bpe_training_is_deterministic(shakespeare_text):
+    a = Tokenizer.train_from_iterator([shakespeare_text[:50_000]], kind="bpe", vocab_size=400)
+    b = Tokenizer.train_from_iterator([shakespeare_text[:50_000]], kind="bpe", vocab_size=400)
+    assert a.hash == b.hash
+    c = Tokenizer.train_from_iterator([shakespeare_text[:50_000]], kind="bpe", vocab_size=401)
+    assert c.hash != a.hash
+
+
+def test_encode_bos_eos_and_batch(bpe):
+    ids = bpe.encode("To be, or not to be")
+    assert bpe.encode("To be, or not to be", add_bos=True, add_eos=True) == [bpe.bos_id, *ids, bpe.eos_id]
+    assert bpe.encode_batch(["To be, or not to be", "", MIXED]) == [ids, [], bpe.encode(MIXED)]
+    # Special token strings in the text are recognised (needed for chat prompts).
+    assert bpe.encode("a<|im_end|>b") == [*bpe.encode("a"), 4, *bpe.encode("b")]
+    assert bpe.decode(bpe.encode("a<|im_end|>b"), skip_special_tokens=True) == "ab"
+    assert bpe.id_to_token(0) == "<|endoftext|>"
+
+
+def test_char_tokenizer(char, tmp_path):
+    assert [char.token_to_id(t) for t in SPECIAL_TOKENS] + [char.token_to_id("<|unk|>")] == [0, 1, 2, 3, 4, 5]
+    assert char.unk_id == 5 and char.kind == "char"
+    s = "First Citizen:\nBefore we proceed any further, hear me speak.\n\n  All:  Speak, speak.\n"
+    ids = char.encode(s)
+    assert len(ids) == len(s)  # one token per character, spaces and newlines included
+    assert char.decode(ids) == s  # no spaces added between tokens
+    assert char.encode("A\u4e16") == [char.token_to_id("A"), 5]  # unseen character -> unk
+    # Characters come in code point order after the special tokens (like nanoGPT's sorted(set(text))).
+    assert char.token_to_id("\n") == 6 and char.token_to_id(" ") == 7
+    char.save(tmp_path)
+    again = Tokenizer.load(tmp_path)
+    assert again.kind == "char" and again.hash == char.hash and again.encode(s) == ids
+
+
+def test_char_fast_path_matches_tokenizers_pipeline(char):
+    texts = ["plain text\n  with spaces ", "unseen ✓ chars 你好", "special <|endoftext|> inside", "", "a<|unk|>b",
+             "lone \ud800 surrogate"]
+    for t in texts:
+        pipeline = char._tok.encode(t.replace("\ud800", "\ufffd"), add_special_tokens=False).ids
+        assert char.encode(t) == pipeline, t
+
+
+def test_pickle_roundtrip(bpe):
+    again = pickle.loads(pickle.dumps(bpe))
+    assert again.hash == bpe.hash and again.encode(MIXED) == bpe.encode(MIXED)
+    assert again.chat_template == bpe.chat_template
+
+
+def test_train_from_config_reads_jsonl(tmp_path):
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"body": f"line {i} héllo"}) + "\n" for i in range(50)))
+    cfg = TokenizerConfig(input=[str(tmp_path / "c.jsonl")], kind="char", text_field="body", out=str(tmp_path / "t"))
+    tok = Tokenizer.train(cfg, progress=False)
+    assert tok.decode(tok.encode("héllo 42")) == "héllo 42"
+    assert not (tmp_path / "t").exists()  # train() does not save
+    assert tok.save(cfg.out) == tmp_path / "t"
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_vocab_size_too_small():
+    with pytest.raises(ConfigError, match="vocab_size"):
+        Tokenizer.train_from_iterator(["some text"], kind="bpe", vocab_size=200)
+    with pytest.raises(ConfigError, match="vocab_size"):
+        TokenizerConfig(input=["x"], vocab_size=100).validate()
+
+
+def test_empty_corpus(tmp_path):
+    with pytest.raises(UserError, match="empty"):
+        Tokenizer.train_from_iterator(["", ""], kind="bpe", vocab_size=300)
+    with pytest.raises(UserError, match="empty"):
+        Tokenizer.train_from_iterator([], kind="char")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(UserError, match="empty"):
+        Tokenizer.train(TokenizerConfig(input=[str(tmp_path / "empty.txt")], vocab_size=300), progress=False)
+
+
+def test_bad_utf8_during_training_is_a_user_error(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"good text\n" * 10 + b"\xff\xfe bad\n")
+    with pytest.raises(UserError, match=r"byte offset 100.*--errors replace"):
+        Tokenizer.train(TokenizerConfig(input=[str(tmp_path / "bad.txt")], kind="char"), progress=False)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist") as e:
+        Tokenizer.load(tmp_path / "nope")
+    assert str(tmp_path / "nope") in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError, match="no tokenizer.json"):
+        Tokenizer.load(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserError, match="not a valid tokenizer"):
+        Tokenizer.load(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face compatibility
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_transformers_loads_identically(kind, bpe, char, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok = bpe if kind == "bpe" else char
+    tok.save(tmp_path, model_max_length=256)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert cfg["add_bos_token"] is False and cfg["add_eos_token"] is False and cfg["model_max_length"] == 256
+    ids = tok.encode(MIXED)
+    for loader in (transformers.PreTrainedTokenizerFast, transformers.AutoTokenizer):
+        hf = loader.from_pretrained(str(tmp_path))
+        assert hf.encode(MIXED, add_special_tokens=True) == ids
+        assert hf.decode(ids) == tok.decode(ids)
+        assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=True)
+        assert (hf.eos_token_id, hf.bos_token_id, hf.pad_token_id) == (tok.eos_id, tok.bos_id, tok.pad_id)
+        assert hf.unk_token_id == tok.unk_id
+        assert hf.model_max_length == 256
+        assert len(hf) == tok.vocab_size
+    if kind == "bpe":
+        assert tok.decode(ids) == MIXED
+
+
+def test_chat_template_matches_transformers(bpe, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    custom = (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if m['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('bad role') }}{% endif %}"
+        "{% if loop.first and m['role'] == 'system' %}{% continue %}{% endif %}\n"
+        "  [{{ m['role'] | upper }}] {{ m['content'] | trim }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+        "{% endfor %}{% if add_generation_prompt %}[ASSISTANT]{% endif %}"
+    )
+    for template in (None, custom):
+        tok = Tokenizer.load(bpe.save(tmp_path / ("default" if template is None else "custom")))
+        tok.chat_template = template or tok.chat_template
+        d = tok.save(tmp_path / "saved")
+        hf = transformers.AutoTokenizer.from_pretrained(str(d))
+        for gen in (False, True):
+            ours = tok.apply_chat_template(MESSAGES, add_generation_prompt=gen)
+            assert ours == hf.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=gen)
+    assert bpe.apply_chat_template(MESSAGES[1:2], add_generation_prompt=True) == \
+        "<|im_start|>user\nSay hi 👋<|im_end|>\n<|im_start|>assistant\n"
+    tok.chat_template = custom
+    with pytest.raises(UserError, match="bad role"):
+        tok.apply_chat_template([{"role": "robot", "content": "x"}])
+
+
+def test_load_hugging_face_style_directory(bpe, tmp_path):
+    """HF model dirs: special tokens as dicts, added_tokens_decoder, no pad token, template in a file."""
+    bpe.save(tmp_path)
+    cfg = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "bos_token": {"content": "<|im_start|>", "lstrip": False, "__type": "AddedToken"},
+        "eos_token": {"content": "<|im_end|>"},
+        "unk_token": None,
+        "added_tokens_decoder": {"0": {"content": "<|endoftext|>", "special": True}},
+        "chat_template": "inline {{ messages[0]['content'] }}",
+    }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = Tokenizer.load(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (3, 4, 4)  # pad falls back to eos
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "inline x"
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "json {{ messages[0]['content'] }}"}))
+    assert Tokenizer.load(tmp_path).chat_template == "json {{ messages[0]['content'] }}"
+    (tmp_path / "chat_template.jinja").write_text("jinja {{ messages[0]['content'] }}")
+    assert Tokenizer.load(tmp_path).chat_template == "jinja {{ messages[0]['content'] }}"
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "chat_template.json").unlink()
+    cfg["chat_template"] = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "dflt"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert Tokenizer.load(tmp_path).chat_template == "dflt"
+    # A bare tokenizer.json (no config): the usual special tokens are found by name.
+    (tmp_path / "tokenizer_config.json").unlink()
+    bare = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert (bare.eos_id, bare.bos_id, bare.pad_id) == (0, 1, 2)
+
+
+def test_save_preserves_foreign_config_and_removes_stale_template(bpe, tmp_path):
+    bpe.save(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg.update(tokenizer_class="GPT2Tokenizer", auto_map={"AutoTokenizer": ["x.Y", None]}, custom_key=7)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "chat_template.jinja").write_text("stale")
+    tok = Tokenizer.load(tmp_path)
+    assert tok.chat_template == "stale"
+    tok.chat_template = "fresh"
+    tok.save(tmp_path)
+    assert not (tmp_path / "chat_template.jinja").exists()
+    assert Tokenizer.load(tmp_path).chat_template == "fresh"
+    saved = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert saved["tokenizer_class"] == "PreTrainedTokenizerFast" and saved["custom_key"] == 7
+    assert "auto_map" not in saved
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # atomic writes leave no temp files
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_stream_decoder_matches_decode(bpe, char, skip):
+    text = "Emoji 🤖🎉 and 中文字符 mixed, then <|im_end|> ascii.\n👨‍👩‍👧 family"
+    for tok in (bpe, char):
+        ids = tok.encode(text)
+        dec = StreamDecoder(tok, skip_special_tokens=skip)
+        pieces = [dec.feed(i) for i in ids]
+        pieces.append(dec.flush())
+        assert "".join(pieces) == tok.decode(ids, skip_special_tokens=skip)
+        assert not any("\ufffd" in p for p in pieces)
+    # Byte-level BPE splits the rare multi-byte characters over several tokens: some feeds must wait.
+    ids = bpe.encode("🤖")
+    assert len(ids) > 1
+    dec = StreamDecoder(bpe)
+    assert [dec.feed(i) for i in ids][:-1] == [""] * (len(ids) - 1)
