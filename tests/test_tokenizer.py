@@ -177,7 +177,8 @@ def test_chat_template_matches_transformers(bpe, tmp_path):
         "{{ bos_token }}{% for m in messages %}"
         "{% if m['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('bad role') }}{% endif %}"
         "{% if loop.first and m['role'] == 'system' %}{% continue %}{% endif %}\n"
-        "  [{{ m['role'] | upper }}] {{ m['content'] | trim }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+        "  [{{ m['role'] | upper }}] {{ m['content'] | trim }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
         "{% endfor %}{% if add_generation_prompt %}[ASSISTANT]{% endif %}"
     )
     for template in (None, custom):

@@ -263,8 +263,11 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype=None):
     kind, ckpt = resolve(path)
     if kind == "hf":
         from .interop.hf import load_hf  # converted on load
+        from .interop.hf_bert import load_hf_encdec
 
-        model, tokenizer = load_hf(ckpt, device=device, dtype=dtype)
+        # BERT and Marian directories have their own converters; load_hf handles the causal LMs.
+        loaded = load_hf_encdec(ckpt, device=device, dtype=dtype)
+        model, tokenizer = loaded if loaded is not None else load_hf(ckpt, device=device, dtype=dtype)
         return model, tokenizer, {"source": "hf", "path": str(ckpt)}
 
     from .models import build_model
@@ -297,7 +300,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype=None):
         state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}  # e.g. a classifier's head
         load_state_into(model, state, str(ckpt))
         model.reinit_buffers()
-        if cfg.tie_embeddings:
+        if cfg.tie_embeddings and getattr(model, "lm_head", None) is not None:  # an encoder may have no head
             model.lm_head.weight = model.tok_emb.weight
     if dtype is not None:
         model = model.to(dtype)

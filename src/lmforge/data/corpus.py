@@ -89,6 +89,8 @@ def iter_pieces(paths: Sequence[str | Path], text_field: str = "text", errors: s
     """
     if errors not in ("strict", "replace"):
         raise UserError(f"errors must be 'strict' or 'replace', got {errors!r}")
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
     files = list_sources(paths)
     docs = 0
     for f in files:
@@ -103,7 +105,8 @@ def iter_pieces(paths: Sequence[str | Path], text_field: str = "text", errors: s
             docs += piece.end
             yield piece
     if docs == 0:
-        what = str(files[0]) if len(files) == 1 else f"the input ({len(files)} files: {', '.join(map(str, paths))})"
+        names = ", ".join(map(str, paths[:3])) + (", ..." if len(paths) > 3 else "")
+        what = str(files[0]) if len(files) == 1 else f"the input ({names}: {len(files)} files)"
         raise UserError(f"{what} is empty: no text found")
 
 

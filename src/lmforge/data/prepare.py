@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -64,10 +64,11 @@ def prepare(cfg: PrepareConfig, progress: bool = True, *, chunk_bytes: int = DEF
 
     tmp = _make_tmp(out)
     t0 = time.perf_counter()
+    writer = None
     try:
         writer = _PartWriter(tmp, dtype, cfg.shard_tokens)
         with _progress_bar(nbytes, f"prepare {out.name}", progress) as bar:
-            items = _group(iter_pieces(files, text_field=cfg.text_field, errors=cfg.errors,
+            items = _group(iter_pieces(cfg.input, text_field=cfg.text_field, errors=cfg.errors,
                                        chunk_bytes=chunk_bytes), chunk_bytes)
             # closing(): stop the worker pool at once if writing fails.
             with contextlib.closing(_tokenize(items, tok, workers, dtype)) as results:
@@ -92,6 +93,8 @@ def prepare(cfg: PrepareConfig, progress: bool = True, *, chunk_bytes: int = DEF
         fsync_dir(tmp)
         _replace_dir(tmp, out)
     except BaseException:
+        if writer is not None:
+            writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     stats = {"input_bytes": nbytes, "seconds": seconds, "mb_per_s": nbytes / 1e6 / max(seconds, 1e-9),
@@ -158,14 +161,23 @@ def _remove_stale_tmps(out: Path) -> None:
 
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and deleted after."""
-    old = None
-    if out.exists():
+    try:
+        if not out.exists():
+            os.rename(tmp, out)
+            fsync_dir(out.parent)
+            return
         old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
         os.rename(out, old / out.name)
-    os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            os.rename(old / out.name, out)  # put the previous dataset back
+            old.rmdir()
+            raise
+    except OSError as e:
+        raise UserError(f"cannot move the prepared data into {out}: {e.strerror or e}") from None
     fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
@@ -317,7 +329,7 @@ class _PartWriter:
     def close(self) -> None:
         if self._f is not None:
             self._close_part()
-        self._ends.close()
+        self._ends.close()  # closing twice is harmless
 
     def doc_ends(self) -> np.ndarray:
         # Memory-mapped: a corpus of many small documents would make this list large.
@@ -359,7 +371,7 @@ def _split(tmp: Path, writer: _PartWriter, n_train: int, header_base: dict) -> d
                 shutil.copyfileobj(src, dst, 16 << 20)
             finish(path, "train", start, head)
             finish(tail_path, "val", n_train, n - head)
-    del ends
+    ends = None  # release the memory map before deleting its file  # noqa: F841
     os.unlink(writer._ends_path)
     return {split: {"shards": [p.name for p, _, _ in lst], "tokens": sum(n for _, n, _ in lst),
                     "documents": sum(d for _, _, d in lst)} for split, lst in shards.items()}

@@ -177,4 +177,5 @@ class TokenData:
         return state
 
     def __repr__(self) -> str:
-        return f"TokenData({str(self.data_dir)!r}, split={self.split!r}, tokens={len(self)}, shards={len(self.shards)})"
+        return (f"TokenData({str(self.data_dir)!r}, split={self.split!r}, tokens={len(self)}, "
+                f"shards={len(self.shards)})")

@@ -35,5 +35,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
     if fused:
         kwargs["fused"] = True
     else:
-        kwargs["foreach"] = True
+        # foreach batches kernel launches, which pays on accelerators; on the CPU the per-tensor loop is
+        # about 2x faster (bench/train_step.py) and gives bit-identical updates. optim.fused is faster
+        # still on the CPU (about 4x), but rounds differently, so it stays opt-in there.
+        kwargs["foreach"] = device_type != "cpu"
     return torch.optim.AdamW(groups, **kwargs)
