@@ -3,6 +3,7 @@ same global batch, and runs resume on another number of processes consuming ever
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -166,3 +167,60 @@ def test_a_dead_rank_ends_the_run_instead_of_hanging(data_dir, tmp_path):
     assert proc.returncode != 0
     assert time.time() - t0 < 200
     assert "exitcode" in proc.stderr or "failed" in proc.stderr.lower()
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(data_dir, tmp_path_factory) -> Path:
+    import torch
+
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.config import ModelConfig
+    from lmforge.models.decoder import DecoderLM
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(data_dir)
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layers=2, n_heads=2, d_model=32,
+                                  pos="rope", norm="rmsnorm", mlp="swiglu", bias=False))
+    return save_checkpoint(tmp_path_factory.mktemp("base") / "ckpt", model, tokenizer=tok)
+
+
+FT_COMMON = ["--train.steps", "6", "--train.eval-every", "0", "--train.log-every", "1", "--train.save-every", "0",
+             "--train.no-progress", "--train.no-plot", "--train.device", "cpu", "--train.trace-samples",
+             "--train.threads", "1", "--lora.rank", "4", "--max-len", "48", "--optim.warmup-steps", "1"]
+
+
+def finetune(nproc: int, *args) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "lmforge", "finetune", *map(str, args)]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "lmforge", "finetune", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_lora_classification_and_sft_under_ddp(base_ckpt, tmp_path):
+    rows = [{"text": ("winter discontent " if i % 2 else "summer sun of york ") * (1 + i % 3),
+             "label": "cold" if i % 2 else "warm"} for i in range(64)]
+    (tmp_path / "cls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--model", base_ckpt, "--data", tmp_path / "cls.jsonl", *FT_COMMON]
+    finetune(1, "classify", "--out", tmp_path / "one", "--train.batch-size", "4", *common)
+    finetune(2, "classify", "--out", tmp_path / "two", "--train.batch-size", "2", "--train.parallel", "ddp", *common)
+    assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"))
+    assert consumed(tmp_path / "two") == consumed(tmp_path / "one") == list(range(6 * 4))
+    assert (tmp_path / "two" / "final" / "adapter.safetensors").is_file()
+
+    chats = [{"messages": [{"role": "user", "content": f"who is the king {i}?"},
+                           {"role": "assistant", "content": "Richard of York."}]} for i in range(40)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    finetune(2, "sft", "--model", base_ckpt, "--data", tmp_path / "sft.jsonl", "--out", tmp_path / "sft",
+             "--train.batch-size", "2", "--train.parallel", "ddp", *FT_COMMON[:-4], "--lora.rank", "4")
+    traced = [sorted(json.loads(x)["indices"] for x in (tmp_path / "sft" / f"samples-rank{r}.jsonl")
+                     .read_text().splitlines()) for r in (0, 1)]
+    flat0 = {i for b in traced[0] for i in b}
+    flat1 = {i for b in traced[1] for i in b}
+    assert flat0 and flat1 and not flat0 & flat1  # disjoint slices per rank
+    assert (tmp_path / "sft" / "final" / "adapter.safetensors").is_file()
+    assert all(math.isfinite(v) for v in losses(tmp_path / "sft").values())

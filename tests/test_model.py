@@ -290,8 +290,10 @@ def test_alibi_slopes_and_linear_bias():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_parameter_count(name):
     preset = PRESETS[name]
+    from lmforge.models import build_model  # presets include seq2seq and encoder models
+
     with torch.device("meta"):
-        model = DecoderLM(preset.config)
+        model = build_model(preset.config)
     counted = sum(p.numel() for p in model.parameters())
     assert counted == preset.params, f"{name}: module has {counted:,}, preset documents {preset.params:,}"
     assert model.num_params() == preset.params

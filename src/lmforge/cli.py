@@ -40,6 +40,8 @@ class GenerateArgs:
     """System message for --chat."""
     device: str = "cpu"
     """cpu, cuda, cuda:N or mps."""
+    quantize: Literal["none", "int8"] = "none"
+    """Weight-only int8 quantization of the linear layers for faster CPU decoding (lmforge.quantize)."""
     stream: bool = True
     """Print tokens as they are generated (single prompt only)."""
 
@@ -56,6 +58,8 @@ class ChatArgs:
     """System message."""
     device: str = "cpu"
     """cpu, cuda, cuda:N or mps."""
+    quantize: Literal["none", "int8"] = "none"
+    """Weight-only int8 quantization of the linear layers for faster CPU decoding (lmforge.quantize)."""
 
 
 @dataclass
@@ -86,7 +90,7 @@ class QuickstartArgs:
     """Run directory."""
     corpus: Optional[str] = None
     """Text file(s) to train on instead of the default corpus (Shakespeare's complete works)."""
-    minutes: float = 3.0
+    minutes: float = 2.5
     """Training time budget in minutes (the step count is sized to fit it)."""
     vocab_size: int = 2048
     """BPE vocabulary size."""
@@ -177,6 +181,13 @@ def launch_torchrun(nproc: str, command: str, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
+def _end_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def cmd_pretrain(argv: list[str]) -> int:
     nproc, argv = _pop_option(argv, "--nproc")
     if nproc is not None and nproc != "1":
@@ -187,10 +198,7 @@ def cmd_pretrain(argv: list[str]) -> int:
     try:
         final = pretrain(cfg)
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        _end_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"checkpoint: {final}")
     return 0
@@ -213,7 +221,7 @@ def cmd_generate(argv: list[str]) -> int:
     args.gen.validate()
     from .lm import LM
 
-    lm = LM.load(args.model, device=args.device)
+    lm = LM.load(args.model, device=args.device, quantize=args.quantize)
     prompts = args.prompt or [""]
     stream = args.stream and len(prompts) == 1
     opts = dataclasses.asdict(args.gen)
@@ -246,7 +254,7 @@ def cmd_chat(argv: list[str]) -> int:
     from .chat import run_chat
     from .lm import LM
 
-    run_chat(LM.load(args.model, device=args.device), args.gen, system=args.system)
+    run_chat(LM.load(args.model, device=args.device, quantize=args.quantize), args.gen, system=args.system)
     return 0
 
 
@@ -262,8 +270,9 @@ def cmd_import(argv: list[str]) -> int:
     args = tyro.cli(ImportArgs, args=argv[1:], prog=f"lmforge import {kind}")
     if kind == "hf":
         from .interop.hf import import_hf
+        from .interop.hf_bert import import_hf_encdec
 
-        out = import_hf(args.src, args.out)
+        out = import_hf_encdec(args.src, args.out) or import_hf(args.src, args.out)  # BERT/Marian, else causal LMs
     else:
         from .interop.gguf import import_gguf
 
@@ -277,7 +286,12 @@ def cmd_export(argv: list[str]) -> int:
         _usage_error("usage: lmforge export hf MODEL --out DIR")
     args = tyro.cli(ExportArgs, args=argv[1:], prog="lmforge export hf")
     from .interop.hf import export_hf_path
+    from .interop.hf_bert import export_hf_encdec
 
+    out = export_hf_encdec(args.model, args.out)  # encoders -> BERT, seq2seq -> Marian; None for decoders
+    if out is not None:
+        print(f"Hugging Face model written to {out} (load it with AutoModel / MarianMTModel.from_pretrained)")
+        return 0
     out = export_hf_path(args.model, args.out)
     print(f"Hugging Face model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
     return 0
@@ -291,12 +305,114 @@ def cmd_quickstart(argv: list[str]) -> int:
     return 0
 
 
+@dataclass
+class MergeArgs:
+    """`lmforge merge ADAPTER --out CKPT`: fold a LoRA adapter into its base model's weights."""
+
+    adapter: tyro.conf.Positional[str]
+    """A LoRA adapter checkpoint or run (from `lmforge finetune ... --lora.rank R`)."""
+    out: str = "merged"
+    """Output checkpoint directory (a plain checkpoint: export it with `lmforge export hf`)."""
+
+
+def finetune_config_from_args(task: str, argv: list[str]):
+    """--config FILE.yaml, then dotted overrides; with --resume and no config file, the run's own
+    run.yaml is the starting point (as for pretrain)."""
+    from .config import FinetuneConfig
+
+    config_file, argv = _pop_option(argv, "--config")
+    out, _ = _pop_option(list(argv), "--out")
+    base = FinetuneConfig(task=task)
+    if "--resume" in argv and not config_file and out and (Path(out) / "run.yaml").is_file():
+        base = from_dict(FinetuneConfig, load_yaml(Path(out) / "run.yaml"))
+    if config_file:
+        base = merge(base, load_yaml(config_file))
+    cfg = tyro.cli(FinetuneConfig, default=base, args=argv, prog=f"lmforge finetune {task}")
+    return dataclasses.replace(cfg, task=task)
+
+
+def cmd_finetune(argv: list[str]) -> int:
+    if argv and argv[0] == "seq2seq":  # encoder-decoder training has its own config (cli_seq2seq.py)
+        from .cli_seq2seq import cmd_finetune_seq2seq
+
+        return cmd_finetune_seq2seq(argv[1:])
+    if not argv or argv[0] not in ("sft", "classify"):
+        _usage_error("usage: lmforge finetune sft|classify|seq2seq --model CKPT --data FILE --out RUN [--lora.rank R ...]")
+    nproc, rest = _pop_option(argv[1:], "--nproc")
+    if nproc is not None and nproc != "1":
+        return launch_torchrun(nproc, "finetune", [argv[0], *rest])
+    cfg = finetune_config_from_args(argv[0], rest).validate()
+    if cfg.task == "sft":
+        from .finetune.sft import finetune_sft as recipe
+    else:
+        from .finetune.classify import finetune_classify as recipe
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    try:
+        final = recipe(cfg, log=print if main_rank else (lambda *_: None))
+    finally:
+        _end_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"checkpoint: {final}")
+    return 0
+
+
+def cmd_merge(argv: list[str]) -> int:
+    args = tyro.cli(MergeArgs, args=argv, prog="lmforge merge")
+    from .finetune.lora import merge_adapter
+
+    print(f"merged checkpoint written to {merge_adapter(args.adapter, args.out)}")
+    return 0
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    from .config import EvaluateConfig
+
+    if argv and not argv[0].startswith("-"):  # `lmforge evaluate MODEL ...`
+        argv = ["--model", argv[0], *argv[1:]]
+    cfg = tyro.cli(EvaluateConfig, args=argv, prog="lmforge evaluate").validate()
+    from .eval.run import evaluate
+
+    evaluate(cfg)
+    return 0
+
+
+from .config import ServeConfig  # noqa: E402 - next to the serve command it belongs to
+
+
+@dataclass
+class ServeArgs:
+    """`lmforge serve MODEL`: an OpenAI-compatible HTTP server with continuous batching, and a chat page at /."""
+
+    model: tyro.conf.Positional[str]
+    """A checkpoint, run or Hugging Face model directory."""
+    serve: Annotated[ServeConfig, tyro.conf.arg(name="")] = field(default_factory=ServeConfig)
+
+
+def cmd_serve(argv: list[str]) -> int:
+    args = tyro.cli(ServeArgs, args=argv, prog="lmforge serve")
+    args.serve.validate()
+    from .serve.server import serve
+
+    return serve(args.model, args.serve)
+
+
 def cmd_presets(argv: list[str]) -> int:
     from .models.presets import PRESETS
 
     for name, p in PRESETS.items():
         print(f"{name:12s} {p.params / 1e6:9.2f}M  {p.about}")
     return 0
+
+
+def _lazy(module: str, name: str) -> Callable[[list[str]], int]:
+    """A command implemented in another lmforge module, imported only when it runs."""
+
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(f"lmforge.{module}"), name)(argv)
+
+    return run
 
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
@@ -310,6 +426,13 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "export": (cmd_export, "export hf: write a directory transformers loads"),
     "consolidate": (cmd_consolidate, "turn a sharded (FSDP) checkpoint into a single checkpoint"),
     "presets": (cmd_presets, "list the named model configs"),
+    "translate": (_lazy("cli_seq2seq", "cmd_translate"), "translate text with an encoder-decoder model (beam search)"),
+    "summarize": (_lazy("cli_seq2seq", "cmd_summarize"), "summarize text with an encoder-decoder model"),
+    "embed": (_lazy("cli_seq2seq", "cmd_embed"), "sentence embeddings (mean pooling) from an encoder (BERT)"),
+    "finetune": (cmd_finetune, "finetune sft|classify: instruction tuning or classification, full or LoRA"),
+    "merge": (cmd_merge, "fold a LoRA adapter into its base model's weights"),
+    "evaluate": (cmd_evaluate, "perplexity / bits per byte, classification metrics, SQuAD EM and F1"),
+    "serve": (cmd_serve, "OpenAI-compatible HTTP server (continuous batching) with a chat page"),
 }
 
 

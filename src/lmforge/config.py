@@ -462,6 +462,11 @@ class PretrainConfig:
     """Start from the weights of this CKPT, RUN or Hugging Face directory instead of random ones."""
     vocab_from_data: bool = True
     """Set model.vocab_size to the data's vocabulary; when off, model.vocab_size must cover it."""
+    objective: Literal["causal_lm", "mlm"] = "causal_lm"
+    """causal_lm: next-token prediction (decoder models); mlm: masked-language modeling (BERT; needs
+    model.arch encoder; see train/mlm.py)."""
+    mlm_probability: float = 0.15
+    """mlm: fraction of the tokens chosen for prediction (of those: 80% masked, 10% random, 10% kept)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -469,6 +474,10 @@ class PretrainConfig:
     def validate(self) -> "PretrainConfig":
         _check(bool(self.data), "data", "give the prepared data directory (--data DIR)")
         _check(bool(self.out), "out", "give the run directory (--out DIR)")
+        _check((self.objective == "mlm") == (self.model.arch == "encoder"), "objective",
+               f"objective {self.objective} does not fit model.arch {self.model.arch} (mlm trains encoders, "
+               f"causal_lm trains decoders; try --preset bert-tiny with --objective mlm)")
+        _check(0.0 < self.mlm_probability < 1.0, "mlm_probability", f"must be in (0, 1), got {self.mlm_probability}")
         self.model.validate()
         self.optim.validate()
         self.train.validate()
@@ -509,6 +518,63 @@ class GenerateConfig:
         return self
 
 
+@dataclass
+class ServeConfig:
+    """`lmforge serve`: the OpenAI-compatible HTTP server (lmforge.serve)."""
+
+    host: str = "127.0.0.1"
+    """Interface to listen on; the default is reachable from this machine only (0.0.0.0 for all)."""
+    port: int = 8000
+    """TCP port; 0 picks a free one (the chosen address is printed)."""
+    api_key: Optional[str] = None
+    """Require `Authorization: Bearer KEY` on /v1/*; default: the LMFORGE_API_KEY environment variable, if set."""
+    model_name: Optional[str] = None
+    """Model id reported by /v1/models and accepted in requests; default: the checkpoint directory's name."""
+    max_batch: int = 8
+    """Decode slots: sequences generated together in one batched step (continuous batching)."""
+    max_context: int = 2048
+    """Context window served, in tokens (prompt + completion); capped at the model's block_size."""
+    max_tokens_limit: int = 1024
+    """Largest max_tokens a request may ask for."""
+    default_max_tokens: int = 256
+    """max_tokens of a request that sets none (capped by the room left in the context window)."""
+    max_request_bytes: int = 1_000_000
+    """Largest request body accepted; larger ones get 413."""
+    max_queue: int = 256
+    """Sequences that may wait for a free slot; more get 429."""
+    timeout_s: float = 300.0
+    """Per-request time limit (queueing included); a request past it is cancelled."""
+    shutdown_timeout_s: float = 10.0
+    """On shutdown (Ctrl-C, SIGTERM), seconds in-flight requests get to finish before they are cancelled."""
+    batch_invariant: bool = True
+    """Decode at a fixed shape (all slots, the whole context window) so a seeded request's text does not
+    depend on what else is in the batch; off: cheaper steps when few slots are busy or contexts are long."""
+    device: str = "cpu"
+    """cpu, cuda, cuda:N or mps."""
+    dtype: Optional[str] = None
+    """fp32, bf16 or fp16; default: the checkpoint's."""
+    threads: int = 0
+    """CPU threads for torch; 0 leaves torch's default."""
+    access_log: bool = False
+    """Log every HTTP request."""
+
+    def validate(self) -> "ServeConfig":
+        _check(bool(self.host), "host", "give an interface address, e.g. 127.0.0.1")
+        _check(0 <= self.port <= 65535, "port", f"must be in [0, 65535], got {self.port}")
+        _check(self.api_key is None or len(self.api_key) > 0, "api_key", "must not be empty")
+        _check(1 <= self.max_batch <= 1024, "max_batch", f"must be in [1, 1024], got {self.max_batch}")
+        _check(self.max_context >= 2, "max_context", f"must be >= 2, got {self.max_context}")
+        _check(self.max_tokens_limit >= 1, "max_tokens_limit", "must be >= 1")
+        _check(1 <= self.default_max_tokens <= self.max_tokens_limit, "default_max_tokens",
+               f"must be in [1, max_tokens_limit={self.max_tokens_limit}], got {self.default_max_tokens}")
+        _check(self.max_request_bytes >= 1024, "max_request_bytes", "must be >= 1024")
+        _check(self.max_queue >= 1, "max_queue", "must be >= 1")
+        _check(self.timeout_s > 0, "timeout_s", "must be > 0")
+        _check(self.shutdown_timeout_s >= 0, "shutdown_timeout_s", "must be >= 0")
+        _check(self.threads >= 0, "threads", "must be >= 0")
+        return self
+
+
 # --------------------------------------------------------------------------------------------------
 # Fine-tuning and evaluation
 
@@ -528,9 +594,13 @@ class LoraConfig:
     """Dropout on the adapters' input (training only)."""
     targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
     """Linear layers to adapt, by name: qkv and proj (attention), fc1 and fc2 (MLP), lm_head."""
+    layers: int = 0
+    """Adapt only the last N Transformer blocks; 0 means all. Gradients then stop at the first adapted
+    block, which makes a training step much cheaper on a CPU."""
 
     def validate(self) -> "LoraConfig":
         _check(self.rank >= 0, "lora.rank", f"must be >= 0, got {self.rank}")
+        _check(self.layers >= 0, "lora.layers", f"must be >= 0, got {self.layers}")
         _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
         if self.rank:
@@ -602,9 +672,11 @@ class EvaluateConfig:
 
     model: str = ""
     """A checkpoint, run, adapter or Hugging Face model directory."""
-    task: Literal["perplexity", "classify", "squad"] = "perplexity"
+    task: Literal["perplexity", "classify", "squad", "bleu", "chrf", "rouge"] = "perplexity"
     """perplexity: perplexity and bits per byte of text; classify: accuracy, macro-F1 and confusion matrix
-    of a classifier; squad: exact match and F1 of generated answers (SQuAD style)."""
+    of a classifier; squad: exact match and F1 of generated answers (SQuAD style); bleu / chrf / rouge:
+    an encoder-decoder model's outputs for the sources of a .jsonl of {"source", "target"} pairs, scored
+    with sacrebleu (BLEU, chrF) and rouge-score (ROUGE-1/2/L) against the targets."""
     data: str = ""
     """perplexity: .txt/.jsonl files or a folder; classify: .jsonl {"text", "label"} or a folder per label;
     squad: .jsonl {"question", "context"?, "answers": [...]} or a SQuAD v1.1 .json file."""
@@ -634,6 +706,172 @@ class EvaluateConfig:
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(self.max_len is None or self.max_len >= 2, "max_len", "must be >= 2")
         _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoder-decoder and encoder-only models: fine-tuning, generation, embeddings
+
+
+@dataclass
+class Seq2SeqGenerateConfig:
+    """Decoding settings for encoder-decoder models: greedy, sampling or beam search."""
+
+    max_new_tokens: int = 128
+    """Maximum number of target tokens to generate."""
+    num_beams: int = 1
+    """Beam width; 1 decodes greedily (temperature 0) or samples (temperature > 0)."""
+    length_penalty: float = 1.0
+    """Beam search: hypotheses are ranked by log-probability / ((5 + length) / 6) ** length_penalty (GNMT,
+    Wu et al. 2016); 0 ranks by raw log-probability, larger values favour longer outputs."""
+    no_repeat_ngram_size: int = 0
+    """Never generate an n-gram of this size twice in one output (all decoding modes); 0 disables."""
+    temperature: float = 0.0
+    """Sampling temperature (num_beams 1 only); 0 means greedy decoding."""
+    top_k: int = 0
+    """Sampling: keep only the k most likely tokens; 0 disables."""
+    top_p: float = 1.0
+    """Sampling: nucleus probability; 1 disables."""
+    repetition_penalty: float = 1.0
+    """Greedy/sampling: CTRL's penalty on tokens already generated; 1 disables."""
+    seed: Optional[int] = None
+    """Seed that makes sampling reproducible."""
+
+    def validate(self) -> "Seq2SeqGenerateConfig":
+        _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        _check(self.num_beams >= 1, "num_beams", f"must be >= 1, got {self.num_beams}")
+        _check(self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", "must be >= 0")
+        _check(self.temperature >= 0, "temperature", "must be >= 0")
+        _check(self.num_beams == 1 or self.temperature == 0, "temperature",
+               "beam search is deterministic; use temperature 0 with num_beams > 1")
+        _check(self.top_k >= 0, "top_k", "must be >= 0")
+        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        _check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
+        return self
+
+
+@dataclass
+class Seq2SeqFinetuneConfig:
+    """`lmforge finetune seq2seq`: train an encoder-decoder on source -> target pairs (translation,
+    summarization) with teacher forcing and label-smoothed cross-entropy, from scratch or from a checkpoint."""
+
+    data: str = ""
+    """Training pairs: .jsonl with one {"source": ..., "target": ...} object per line."""
+    out: str = "runs/seq2seq"
+    """Run directory (run.yaml, metrics.jsonl, checkpoints/, final/)."""
+    model: Optional[str] = None
+    """Start from this seq2seq checkpoint, run or Hugging Face Marian directory; None trains from scratch
+    with --preset and --arch.* (and a tokenizer trained on the pairs unless --tokenizer is given)."""
+    preset: Optional[str] = "transformer-tiny"
+    """From scratch: the named seq2seq config to start from; --arch.* fields override it."""
+    resume: bool = False
+    """Continue the run in --out from its newest checkpoint."""
+    val_data: Optional[str] = None
+    """Validation pairs in the same form; None holds out --val-fraction of --data (a seeded split)."""
+    val_fraction: float = 0.05
+    """Fraction of the pairs held out for validation when --val-data is not given."""
+    source_field: str = "source"
+    """The field holding the source text."""
+    target_field: str = "target"
+    """The field holding the target text."""
+    tokenizer: Optional[str] = None
+    """From scratch: an existing tokenizer directory for both sides; None trains one on the pairs."""
+    shared_vocab: bool = True
+    """From scratch: one vocabulary for source and target (tied embeddings); false trains two tokenizers
+    (the source one is saved in CKPT/src_tokenizer/)."""
+    tokenizer_kind: Literal["bpe", "char"] = "bpe"
+    """Tokenizer trained from scratch: byte-level BPE or characters."""
+    vocab_size: int = 8000
+    """Tokenizer trained from scratch: vocabulary size per tokenizer (BPE)."""
+    max_source_len: int = 128
+    """Source tokens kept per example (longer sources are cut at the end)."""
+    max_target_len: int = 128
+    """Target tokens kept per example, EOS included (longer targets are cut)."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the cross-entropy (Szegedy et al. 2016; 0.1 in Vaswani et al. 2017)."""
+    arch: ModelConfig = field(default_factory=lambda: ModelConfig(arch="seq2seq"))
+    """The architecture when training from scratch (the preset's, with these overrides)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=200,
+                                                                   weight_decay=0.01, beta2=0.98))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=2000, batch_size=32, eval_every=250,
+                                                                   eval_batches=10, save_every=500))
+
+    def validate(self) -> "Seq2SeqFinetuneConfig":
+        _check(bool(self.data), "data", "give the training pairs (--data FILE.jsonl)")
+        _check(bool(self.out), "out", "give the run directory (--out DIR)")
+        _check(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        _check(self.max_source_len >= 1, "max_source_len", "must be >= 1")
+        _check(self.max_target_len >= 2, "max_target_len", "must be >= 2 (one token and EOS)")
+        _check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        _check(self.vocab_size >= 264 or self.tokenizer_kind == "char", "vocab_size",
+               f"byte-level BPE needs at least 264, got {self.vocab_size}")
+        _check(bool(self.source_field) and bool(self.target_field), "source_field", "field names must be non-empty")
+        if self.model is None:
+            _check(self.arch.arch == "seq2seq", "arch.arch", f"must be seq2seq, got {self.arch.arch!r}")
+            self.arch.validate("arch")
+        self.optim.validate()
+        self.train.validate()
+        if self.train.stop_after:
+            _check(self.train.stop_after < self.train.steps, "train.stop_after", "must be < train.steps")
+        return self
+
+
+@dataclass
+class Seq2SeqRunConfig:
+    """`lmforge translate|summarize MODEL`: generate a target for each source text with a seq2seq model."""
+
+    model: str = ""
+    """A seq2seq checkpoint, run or Hugging Face Marian directory."""
+    text: list[str] = field(default_factory=list)
+    """Source texts given on the command line."""
+    input: Optional[str] = None
+    """A file of sources: .txt (one per line) or .jsonl (the --source-field of each object)."""
+    source_field: str = "source"
+    """.jsonl input: the field holding the source text."""
+    out: Optional[str] = None
+    """Write outputs here (.txt one per line, or .jsonl with source and output); None prints them."""
+    batch_size: int = 16
+    """Sources decoded together."""
+    gen: Seq2SeqGenerateConfig = field(default_factory=lambda: Seq2SeqGenerateConfig(num_beams=4, length_penalty=0.6))
+    device: str = "cpu"
+    """cpu, cuda, cuda:N or mps."""
+
+    def validate(self) -> "Seq2SeqRunConfig":
+        _check(bool(self.model), "model", "give the model (lmforge translate MODEL ...)")
+        _check(bool(self.text) != (self.input is not None), "input", "give source texts or --input FILE (one of them)")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        self.gen.validate()
+        return self
+
+
+@dataclass
+class EmbedConfig:
+    """`lmforge embed MODEL --input FILE`: sentence embeddings by mean pooling an encoder's last hidden
+    states over the real tokens (sentence-transformers style)."""
+
+    model: str = ""
+    """An encoder checkpoint, run or Hugging Face BERT directory."""
+    input: str = ""
+    """Texts: .txt (one per line) or .jsonl (the --text-field of each object)."""
+    out: str = "embeddings.npy"
+    """Output: .npy (float32 [N, C]) or .jsonl ({"text", "embedding"} per line)."""
+    text_field: str = "text"
+    """.jsonl input: the field holding the text."""
+    batch_size: int = 32
+    """Texts per forward pass."""
+    max_len: Optional[int] = None
+    """Tokens per text, special tokens included (longer texts are cut); None means the model's block_size."""
+    normalize: bool = False
+    """Scale each embedding to unit length (as sentence-transformers' Normalize module does)."""
+    device: str = "cpu"
+    """cpu, cuda, cuda:N or mps."""
+
+    def validate(self) -> "EmbedConfig":
+        _check(bool(self.model), "model", "give the model (lmforge embed MODEL --input FILE)")
+        _check(bool(self.input), "input", "give the texts (--input FILE)")
+        _check(self.out.endswith((".npy", ".jsonl")), "out", f"must end with .npy or .jsonl, got {self.out!r}")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.max_len is None or self.max_len >= 2, "max_len", "must be >= 2")
         return self
 
 

@@ -50,11 +50,27 @@ class LM:
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: Union[str, Path], device: str = "cpu", dtype=None) -> "LM":
-        """Load a CKPT dir, a RUN dir (its newest checkpoint) or a Hugging Face model dir."""
+    def load(cls, path: Union[str, Path], device: str = "cpu", dtype=None, quantize: str = "none") -> "LM":
+        """Load a CKPT dir, a RUN dir (its newest checkpoint) or a Hugging Face model dir.
+
+        ``quantize="int8"``: weight-only int8 linear layers for faster CPU decoding (lmforge.quantize);
+        such an LM is for inference only (it cannot be saved)."""
         from .checkpoint import load_checkpoint
 
+        if quantize not in ("none", "int8"):
+            raise UserError(f"quantize: unknown kind {quantize!r} (none or int8)")
+        if quantize != "none" and str(device) != "cpu":
+            raise UserError(f"quantize: {quantize} is a CPU inference path; use --device cpu or --quantize none")
         model, tokenizer, meta = load_checkpoint(path, device=device, dtype=_as_dtype(dtype))
+        arch = getattr(getattr(model, "cfg", None), "arch", "decoder")
+        if arch != "decoder":
+            use = "lmforge translate / lmforge summarize" if arch == "seq2seq" else "lmforge embed"
+            raise UserError(f"{path} holds an {'encoder-decoder' if arch == 'seq2seq' else 'encoder-only'} model, "
+                            f"which does not continue text; use {use}")
+        if quantize != "none":
+            from .quantize import quantize_model
+
+            quantize_model(model, quantize)
         if "generation" not in meta:
             gen = Path(meta.get("path", path)) / "generation_config.json"
             if gen.is_file():
@@ -221,12 +237,18 @@ class LM:
     def save(self, path: Union[str, Path]) -> Path:
         """Write a CKPT directory (weights, config, tokenizer, generation defaults)."""
         from .checkpoint import save_checkpoint
+        from .quantize import is_quantized
 
+        if is_quantized(self.model):
+            raise UserError("a quantized model cannot be saved; save the fp32 model and quantize when loading")
         gen = self.meta.get("generation")
         return save_checkpoint(path, self.model, tokenizer=self.tokenizer, generation=gen or None)
 
     def export_hf(self, path: Union[str, Path]) -> Path:
         """Write a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads."""
         from .interop.hf import export_hf
+        from .quantize import is_quantized
 
+        if is_quantized(self.model):
+            raise UserError("a quantized model cannot be exported; export the fp32 model")
         return export_hf(self.model, self._need_tokenizer(), path)

@@ -2,9 +2,9 @@
 
 A causal decoder's last position has seen the whole text, so its hidden state (after the final norm) is
 the text's summary; a linear layer maps it to class logits (the approach of GPT-1's classification
-fine-tuning, Radford et al. 2018, and of ``*ForSequenceClassification`` in transformers). Texts end with
-EOS (see ``data.encode_texts``) and are right-padded, so causal attention never lets a real token see
-padding and no key mask is needed.
+fine-tuning, Radford et al. 2018, and of ``*ForSequenceClassification`` in transformers). Texts are
+right-padded, so causal attention never lets a real token see padding and no key mask is needed; the
+head reads the last text token (see ``data.encode_texts`` for why not an appended EOS).
 
 The hidden state is taken with a forward hook on the model's final norm, from outside (house rule 3):
 the hook keeps only each row's last real position, so the LM head then runs on one position per row.

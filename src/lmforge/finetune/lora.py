@@ -74,11 +74,16 @@ class LoRALinear(nn.Module):
         return f"rank={self.rank}, scaling={self.scaling:g}"
 
 
-def _target_names(model: nn.Module, targets: list[str]) -> list[str]:
+def _target_names(model: nn.Module, targets: list[str], last_blocks: int = 0) -> list[str]:
+    n_blocks = len(getattr(model, "blocks", ()))
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.split(".")[-1] in targets:
-            names.append(name)
+        if not (isinstance(module, nn.Linear) and name.split(".")[-1] in targets):
+            continue
+        parts = name.split(".")
+        if last_blocks and parts[0] == "blocks" and int(parts[1]) < n_blocks - last_blocks:
+            continue
+        names.append(name)
     return names
 
 
@@ -101,7 +106,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
                         "(tied embeddings); adapt the other layers")
     for p in model.parameters():
         p.requires_grad_(False)
-    names = _target_names(model, targets)
+    names = _target_names(model, targets, cfg.layers)
     if not names:
         raise UserError(f"lora.targets: no linear layer of this model is named {', '.join(targets)}")
     for name in names:
@@ -167,16 +172,16 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 def lora_meta(cfg: LoraConfig, base: str, layers: Optional[list[str]] = None) -> dict:
     """The ``adapter`` entry of an adapter checkpoint's config.json."""
     meta = {"type": "lora", "rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,
-            "targets": list(cfg.targets)}
+            "targets": list(cfg.targets), "layers": cfg.layers}
     if layers is not None:
-        meta["layers"] = len(layers)
+        meta["adapted"] = len(layers)
     return meta
 
 
 def lora_config_from_meta(meta: dict, where: str) -> LoraConfig:
     try:
         return LoraConfig(rank=int(meta["rank"]), alpha=float(meta["alpha"]), dropout=float(meta.get("dropout", 0.0)),
-                          targets=list(meta["targets"])).validate()
+                          targets=list(meta["targets"]), layers=int(meta.get("layers", 0))).validate()
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{where}: invalid adapter config in config.json ({e})") from None
 
@@ -236,3 +241,26 @@ def load_adapter_checkpoint(ckpt, meta: dict, device: str = "cpu", dtype=None, m
 
         tokenizer = Tokenizer.load(ckpt)
     return model, tokenizer
+
+
+def merge_adapter(adapter: str, out: str):
+    """`lmforge merge ADAPTER --out CKPT`: write a plain checkpoint whose weights are base + adapter (a
+    classifier keeps its head and labels). Returns the checkpoint directory."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from ..checkpoint import ADAPTER_FILE, HEAD_PREFIXES, clean_state_dict, load_checkpoint, save_checkpoint
+
+    model, tokenizer, meta = load_checkpoint(adapter)
+    if not meta.get("adapter"):
+        raise UserError(f"{meta.get('path', adapter)} is not a LoRA adapter checkpoint (its config.json has no "
+                        f"\"adapter\"); nothing to merge")
+    ckpt = Path(meta["path"])
+    state = clean_state_dict(model)
+    state.update({k: v for k, v in load_file(str(ckpt / ADAPTER_FILE)).items() if k.startswith(HEAD_PREFIXES)})
+    keep = {k: v for k, v in meta.items() if k not in ("format", "version", "model", "path", "adapter", "base",
+                                                      "generation", "step")}
+    keep["merged_from"] = str(ckpt.resolve())
+    return save_checkpoint(out, model, tokenizer=tokenizer, extra=keep, state_dict=state,
+                           generation=meta.get("generation"))

@@ -29,7 +29,12 @@ class Base:
     """The base model of a fine-tuning run, loaded (or, on resume, restored from the run's checkpoint)."""
 
     def __init__(self, cfg: FinetuneConfig, log: Callable[[str], None] = print):
+        from ..train.distributed import init_distributed
+
         self.cfg = cfg
+        self.info = init_distributed(cfg.train)  # torchrun: join the process group; else one process
+        if not self.info.is_main:
+            log = lambda *_: None  # noqa: E731  only rank 0 talks
         self.out = Path(cfg.out)
         kind, path = resolve(cfg.model)
         self.ref = str(Path(path).resolve())  # what an adapter checkpoint's "base" points to
@@ -41,7 +46,7 @@ class Base:
             self.resume = load_resume_state(self.out)
             if self.resume is None:
                 log(f"note: {self.out} has no checkpoint to resume from; starting a new run")
-        elif any((self.out / "checkpoints").glob("step-*")) or (self.out / "final").exists():
+        elif self.info.is_main and (any((self.out / "checkpoints").glob("step-*")) or (self.out / "final").exists()):
             raise UserError(f"run directory {self.out} already holds checkpoints; pass --resume to continue it or "
                             f"choose another --out")
         if self.resume is not None:
@@ -59,10 +64,10 @@ class Base:
                                 f"pass that --model")
             if self.ckpt_meta.get("objective") not in (None, cfg.task):
                 raise UserError(f"checkpoint {ckpt} was trained for {self.ckpt_meta['objective']!r}, not {cfg.task!r}")
-            per_step = cfg.train.batch_size * cfg.train.grad_accum
+            per_step = cfg.train.batch_size * cfg.train.grad_accum * self.info.world_size
             if state.get("samples_per_step", per_step) != per_step:
                 raise UserError(f"the global batch changed ({state['samples_per_step']} samples per step in the "
-                                f"checkpoint, {per_step} now); keep batch_size x grad_accum equal")
+                                f"checkpoint, {per_step} now); keep batch_size x grad_accum x processes equal")
             log(f"resuming from {ckpt} (step {state['step']})")
 
         torch.manual_seed(cfg.train.seed)
@@ -132,6 +137,8 @@ class Base:
         log(f"model: {n_total / 1e6:.2f}M parameters, {how}: {n_train:,} trainable ({100 * n_train / n_total:.2f}%)")
 
     def write_run_yaml(self) -> None:
+        if not self.info.is_main:
+            return
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_yaml(self.cfg, self.out / "run.yaml")
@@ -149,7 +156,7 @@ def run_task(base: Base, model: nn.Module, get_batch, loss_fn, tokens_per_sample
     task = TrainTask(model=model, get_batch=get_batch, loss_fn=loss_fn, tokens_per_sample=tokens_per_sample,
                      eval_batches=eval_batches, tokenizer=base.tokenizer, extra_config=extra,
                      trainable=base.state_fn(head), weights_file=ADAPTER_FILE if cfg.lora.rank else "model.safetensors")
-    return train(task, cfg.train, cfg.optim, base.out, resume=base.resume, log=log)
+    return train(task, cfg.train, cfg.optim, base.out, resume=base.resume, dist_info=base.info, log=log)
 
 
 def with_task(cfg: FinetuneConfig, task: str) -> FinetuneConfig:

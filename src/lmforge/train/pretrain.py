@@ -56,6 +56,12 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Path:
         val_tokens = None
     tokenizer = Tokenizer.load(cfg.data)
     mcfg = resolve_model_config(cfg, train_tokens.vocab_size)
+    objective = None
+    if cfg.objective == "mlm":  # masked-LM pretraining of an encoder: its batches and loss (train/mlm.py)
+        from .mlm import MLMObjective
+
+        objective = MLMObjective(cfg, tokenizer, train_tokens.vocab_size)
+        mcfg = objective.model_config(mcfg)
     cfg = dataclasses.replace(cfg, model=mcfg)
     block = cfg.train.block_size or mcfg.block_size
     if block > mcfg.block_size:
@@ -116,11 +122,14 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Path:
         x, y = sampler.batch(train_tokens, indices)
         return {"x": x, "y": y}
 
+    loss_fn, extra = causal_lm_loss, {"objective": "causal_lm"}
+    if objective is not None:
+        get_batch, val_batches, loss_fn, extra = objective.wrap(get_batch, val_batches)
     n_params = unwrap(model).num_params()
     log(f"model: {n_params / 1e6:.2f}M parameters, {mcfg.n_layers} layers, d_model {mcfg.d_model}, "
         f"vocab {mcfg.vocab_size}, context {block}; data: {len(train_tokens):,} training tokens "
         f"({sampler.num_samples:,} blocks per epoch)")
-    task = TrainTask(model=model, get_batch=get_batch, loss_fn=causal_lm_loss, tokens_per_sample=block,
+    task = TrainTask(model=model, get_batch=get_batch, loss_fn=loss_fn, tokens_per_sample=block,
                      eval_batches=val_batches, tokenizer=tokenizer,
-                     extra_config={"tokenizer_hash": train_tokens.tokenizer_hash, "objective": "causal_lm"})
+                     extra_config={"tokenizer_hash": train_tokens.tokenizer_hash, **extra})
     return train(task, cfg.train, cfg.optim, out, resume=found, dist_info=info, log=log)

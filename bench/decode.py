@@ -1,0 +1,194 @@
+"""Decoding speed: lmforge greedy decoding against transformers ``generate`` on the same weights, against
+the memory-bandwidth bound, batch 8 against batch 1, and weight-only int8 against fp32 (speed, and
+perplexity on the tinyshakespeare validation split).
+
+    python -m bench.decode [--size 124m] [--new-tokens 128] [--prompt-tokens 32] [--rounds 3] [--threads N]
+                           [--ppl-model CKPT]
+
+A GPT-2-124M-shaped model with random weights (the speed of a forward does not depend on the values) is
+built in lmforge and copied into transformers' GPT2LMHeadModel through lmforge's own converter. Greedy
+decoding of both must produce the same tokens. The memory-bandwidth bound is the rate at which the
+weights read per token (every Linear weight, the output head included, plus the KV cache) can be
+streamed at the read bandwidth measured in the same run (a sum over a 512 MB buffer); all timings are
+interleaved rounds, medians reported.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+
+import torch
+import torch.nn as nn
+
+from .common import DATA_TEXT, interleave, machine, set_threads, stream_bandwidth, table, verdict
+
+SIZES = {  # GPT-2 shapes (Radford et al. 2019); "tiny" is for smoke tests
+    "124m": dict(n_layers=12, n_heads=12, d_model=768, vocab_size=50257, block_size=1024),
+    "tiny": dict(n_layers=2, n_heads=2, d_model=64, vocab_size=512, block_size=256),
+}
+
+
+def build_pair(size: str, seed: int = 0):
+    from lmforge.interop.hf import state_to_hf
+    from lmforge.models import build_model
+    from lmforge.models.presets import get_preset
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(get_preset("gpt2-124m"), **SIZES[size])
+    model = build_model(cfg).eval()
+    hf_cfg, hf_state = state_to_hf(cfg, model.state_dict())
+    hf_cfg = {k: v for k, v in hf_cfg.items() if k not in ("architectures", "model_type", "torch_dtype", "dtype")}
+    hf = GPT2LMHeadModel(GPT2Config(**hf_cfg, attn_implementation="sdpa")).eval()
+    missing, unexpected = hf.load_state_dict(hf_state, strict=False)
+    assert not unexpected and all("lm_head" in k or "attn.bias" in k or "masked_bias" in k for k in missing), missing
+    hf.tie_weights()
+    return model, hf
+
+
+def weight_bytes_per_token(model: nn.Module, ctx: int) -> int:
+    """Bytes a one-token forward must read: every Linear's weight (int8 or fp32) and bias, plus the KV cache
+    at context ``ctx`` (fp32)."""
+    from lmforge.quantize import QuantLinear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            total += m.weight.numel() * m.weight.element_size() + (m.bias.numel() * 4 if m.bias is not None else 0)
+        elif isinstance(m, QuantLinear):
+            total += m.weight_int8.numel() + m.scale.numel() * 4 + (m.bias.numel() * 4 if m.bias is not None else 0)
+    c = model.cfg
+    total += 2 * c.n_layers * ctx * c.kv_heads * c.hd * 4
+    return total
+
+
+@torch.inference_mode()
+def val_perplexity(model, tokens: torch.Tensor, block: int) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of ``block`` tokens covering the split."""
+    n = (len(tokens) - 1) // block
+    x = tokens[: n * block].view(n, block)
+    y = tokens[1: n * block + 1].view(n, block)
+    nll = 0.0
+    for i in range(0, n, 32):
+        logits = model(x[i:i + 32]).float()
+        nll += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y[i:i + 32].flatten(), reduction="sum").item()
+    return math.exp(nll / (n * block))
+
+
+def quick_char_model(steps: int = 300):
+    """A small char-level model trained briefly on tinyshakespeare (when no checkpoint is given)."""
+    import tempfile
+
+    from lmforge.config import PretrainConfig, from_dict
+    from lmforge.data.prepare import prepare
+    from lmforge.config import PrepareConfig
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.pretrain import pretrain
+    from lmforge.checkpoint import load_checkpoint
+
+    tmp = tempfile.mkdtemp(prefix="lmforge-bench-")
+    Tokenizer.train_from_iterator([DATA_TEXT.read_text(encoding="utf-8")], kind="char").save(f"{tmp}/tok")
+    prepare(PrepareConfig(input=[str(DATA_TEXT)], tokenizer=f"{tmp}/tok", out=f"{tmp}/data"), progress=False)
+    cfg = from_dict(PretrainConfig, {"preset": "char-tiny", "data": f"{tmp}/data", "out": f"{tmp}/run",
+                                     "optim": {"lr": 3e-3, "warmup_steps": 20},
+                                     "train": {"steps": steps, "batch_size": 16, "eval_every": 0, "save_every": 0,
+                                               "progress": False, "plot": False}})
+    pretrain(cfg, log=lambda *a: None)
+    return f"{tmp}/run/final", f"{tmp}/data"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="124m", choices=sorted(SIZES))
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=8, help="the batched decoding case")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores, at most 8)")
+    ap.add_argument("--ppl-model", help="checkpoint for the int8 perplexity check (default: train a small one)")
+    ap.add_argument("--ppl-data", help="prepared data dir holding that model's validation split")
+    args = ap.parse_args(argv)
+    threads = set_threads(args.threads)
+    from lmforge.config import GenerateConfig
+    from lmforge.generate import generate_ids
+    from lmforge.quantize import quantize_model
+
+    model, hf = build_pair(args.size)
+    q8 = quantize_model(build_pair(args.size)[0], "int8")
+    V, N, P = model.cfg.vocab_size, args.new_tokens, args.prompt_tokens
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, V, (1, P), generator=g)
+    prompts8 = torch.randint(0, V, (args.batch, P), generator=g)
+    gen = GenerateConfig(max_new_tokens=N, temperature=0.0)
+    outs = {}
+
+    def ours(m=model, key="ours", rows=prompt):
+        outs[key] = generate_ids(m, rows.tolist(), gen, overflow="error")
+
+    @torch.inference_mode()
+    def theirs():
+        o = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=N, min_new_tokens=N,
+                        do_sample=False, pad_token_id=0)
+        outs["hf"] = o[:, P:].tolist()
+
+    bw = {}
+
+    def stream():
+        t0 = time.perf_counter()
+        bw.setdefault("v", []).append(stream_bandwidth(512, rounds=2))
+        return time.perf_counter() - t0
+
+    fns = {"lmforge fp32 b1": ours, "transformers generate b1": theirs,
+           f"lmforge fp32 b{args.batch}": lambda: ours(key="b8", rows=prompts8),
+           "lmforge int8 b1": lambda: ours(m=q8, key="q8"), "stream": stream}
+    t = interleave(fns, rounds=args.rounds)
+    same = outs["ours"] == outs["hf"]
+    agree = sum(a == b for a, b in zip(outs["ours"][0], outs["hf"][0])) / N
+    bandwidth = sorted(bw["v"])[len(bw["v"]) // 2]
+    tps = {k: (N * (args.batch if "b8" in k or f"b{args.batch}" in k else 1)) / v for k, v in t.items() if k != "stream"}
+    ctx_avg = P + N // 2
+    bytes_fp32 = weight_bytes_per_token(model, ctx_avg)
+    bytes_int8 = weight_bytes_per_token(q8, ctx_avg)
+    bound_fp32, bound_int8 = bandwidth / bytes_fp32, bandwidth / bytes_int8
+    b1, hf_b1, b8, i8 = (tps["lmforge fp32 b1"], tps["transformers generate b1"], tps[f"lmforge fp32 b{args.batch}"],
+                         tps["lmforge int8 b1"])
+    print(f"machine: {machine()}; {threads} threads")
+    print(f"model: GPT-2 {args.size} shape, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, fp32; "
+          f"prompt {P} tokens, {N} new tokens, greedy; {args.rounds} interleaved rounds (medians)")
+    print(f"greedy tokens identical to transformers: {same} ({agree:.0%} of positions agree)")
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; bytes per token fp32 {bytes_fp32 / 1e6:.0f} MB, "
+          f"int8 {bytes_int8 / 1e6:.0f} MB -> bound {bound_fp32:.1f} / {bound_int8:.1f} tok/s")
+    rows = [
+        ["lmforge fp32, batch 1 vs transformers generate", f"{b1:.1f} vs {hf_b1:.1f} tok/s", f"{b1 / hf_b1:.2f}x",
+         verdict(b1 / hf_b1, 2.0)],
+        ["lmforge fp32, batch 1 vs bandwidth bound", f"{b1:.1f} vs {bound_fp32:.1f} tok/s", f"{b1 / bound_fp32:.0%}",
+         verdict(b1 / bound_fp32, 0.70)],
+        [f"lmforge fp32, batch {args.batch} vs batch 1 (aggregate)", f"{b8:.1f} vs {b1:.1f} tok/s",
+         f"{b8 / b1:.2f}x", verdict(b8 / b1, 4.0)],
+        ["lmforge int8 vs fp32, batch 1", f"{i8:.1f} vs {b1:.1f} tok/s", f"{i8 / b1:.2f}x", verdict(i8 / b1, 1.7)],
+        ["lmforge int8 vs int8 bandwidth bound", f"{i8:.1f} vs {bound_int8:.1f} tok/s", f"{i8 / bound_int8:.0%}", "(info)"],
+    ]
+    del model, hf, q8
+    # Perplexity, fp32 vs int8, on a trained model.
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.data.shards import TokenData
+    import numpy as np
+
+    ckpt, data = (args.ppl_model, args.ppl_data) if args.ppl_model else quick_char_model()
+    m32, _, _ = load_checkpoint(ckpt)
+    m8, _, _ = load_checkpoint(ckpt)
+    quantize_model(m8, "int8")
+    val = TokenData(data, "val")
+    tokens = torch.from_numpy(np.asarray(val.get(0, len(val))).astype(np.int64))
+    block = m32.cfg.block_size
+    p32, p8 = val_perplexity(m32.eval(), tokens, block), val_perplexity(m8, tokens, block)
+    rows.append(["int8 perplexity vs fp32, tinyshakespeare val", f"{p8:.4f} vs {p32:.4f}",
+                 f"{(p8 / p32 - 1):+.2%}", verdict(abs(p8 / p32 - 1) * 100, 1.0, higher_is_better=False).replace("1)", "1%)")])
+    table("Decoding (bench/decode.py)", ["what", "measured", "ratio", "target"], rows)
+    return {"tps": tps, "bandwidth": bandwidth, "ppl": (p32, p8), "same": same}
+
+
+if __name__ == "__main__":
+    main()

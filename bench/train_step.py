@@ -1,0 +1,160 @@
+"""Training-step throughput: lmforge against a minimal plain-PyTorch reference (bench/ref_gpt.py) and
+against transformers' GPT2LMHeadModel trained by the same reference loop, with MFU against a matmul peak
+measured in the same run.
+
+    python -m bench.train_step [--config char|124m|both] [--rounds 5] [--reps 10] [--threads N]
+
+A step is forward, cross-entropy, backward, gradient clipping at 1.0 and AdamW (lr 1e-3, weight decay 0.1
+on matrices), on one fixed batch of random tokens. lmforge's step uses lmforge's model, its optimizer
+builder (the defaults of ``lmforge pretrain``) and its loss function, as ``train/loop.py`` does.
+Configurations:
+    char   nanoGPT's CPU Shakespeare setting: 4 layers, 4 heads, 128 wide, block 64, batch 12, vocab 65;
+           once as nanoGPT trains it (no biases, exact GELU), once as GPT-2 is (biases, tanh GELU), which
+           is the architecture transformers' GPT2LMHeadModel implements
+    124m   GPT-2 small (12 layers, 12 heads, 768 wide, vocab 50257), block 128, batch 4 (CPU-sized batch)
+MFU = model FLOPs per second / the fp32 matmul peak (a 1024^3 GEMM, interleaved with the candidates).
+Model FLOPs per token: 6 N + 12 L C T (N = parameters doing matmuls, i.e. all but the position
+embedding; the attention term as in PaLM, Chowdhery et al. 2022, appendix B).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from .common import interleave, machine, matmul_peak_flops, set_threads, table, verdict
+from .ref_gpt import RefConfig, RefGPT, ref_optimizer, ref_step
+
+CONFIGS = {
+    "char": dict(vocab_size=65, block_size=64, n_layers=4, n_heads=4, d_model=128, batch=12),
+    "124m": dict(vocab_size=50257, block_size=128, n_layers=12, n_heads=12, d_model=768, batch=4),
+    "tiny": dict(vocab_size=65, block_size=32, n_layers=2, n_heads=2, d_model=32, batch=4),  # smoke tests
+}
+
+
+def lmforge_model(c: dict, gpt2: bool):
+    from lmforge.models import build_model
+    from lmforge.models.presets import get_preset
+
+    cfg = dataclasses.replace(get_preset("gpt2-124m"), vocab_size=c["vocab_size"], block_size=c["block_size"],
+                              n_layers=c["n_layers"], n_heads=c["n_heads"], d_model=c["d_model"],
+                              bias=gpt2, mlp="gelu_tanh" if gpt2 else "gelu")
+    return build_model(cfg)
+
+
+def hf_model(c: dict):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=c["vocab_size"], n_positions=c["block_size"], n_embd=c["d_model"],
+                                      n_layer=c["n_layers"], n_head=c["n_heads"], resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                                      attn_implementation="sdpa"))
+
+
+def flops_per_token(model, c: dict) -> float:
+    n = sum(p.numel() for p in model.parameters())  # tied head counted once
+    n -= c["block_size"] * c["d_model"]  # position embedding: a lookup, no matmul
+    return 6 * n + 12 * c["n_layers"] * c["d_model"] * c["block_size"]
+
+
+def run_config(name: str, rounds: int, reps: int, seed: int = 0) -> list[list]:
+    from lmforge.config import OptimConfig
+    from lmforge.train.optim import build_optimizer
+    from lmforge.train.pretrain import causal_lm_loss
+
+    c = CONFIGS[name]
+    B, T = c["batch"], c["block_size"]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, c["vocab_size"], (B, T), generator=g)
+    y = torch.randint(0, c["vocab_size"], (B, T), generator=g)
+    ocfg = OptimConfig(lr=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.99)
+    fns, models = {}, {}
+
+    def lm_step_fn(model, opt):
+        def step():
+            loss = causal_lm_loss(model, {"x": x, "y": y})
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+        return step
+
+    def hf_loss(m, x, y):
+        return F.cross_entropy(m(x).logits.flatten(0, 1), y.flatten())
+
+    variants = [("gpt2", True)] if name == "124m" else [("nanogpt", False), ("gpt2", True)]
+    for arch, gpt2 in variants:
+        torch.manual_seed(seed)
+        ref = RefGPT(RefConfig(c["vocab_size"], T, c["n_layers"], c["n_heads"], c["d_model"], bias=gpt2,
+                               gelu_approx="tanh" if gpt2 else "none"))
+        ropt = ref_optimizer(ref)
+        fns[f"{arch}: reference"] = (lambda m=ref, o=ropt: ref_step(m, o, x, y))
+        models[f"{arch}: reference"] = ref
+        lm = lmforge_model(c, gpt2)
+        fns[f"{arch}: lmforge"] = lm_step_fn(lm, build_optimizer(lm, ocfg, "cpu"))
+        models[f"{arch}: lmforge"] = lm
+        if gpt2:
+            hf = hf_model(c)
+            hopt = ref_optimizer(hf)
+            fns[f"{arch}: transformers"] = (lambda m=hf, o=hopt: ref_step(m, o, x, y, loss_fn=hf_loss))
+            models[f"{arch}: transformers"] = hf
+        if name != "124m":
+            lmf = lmforge_model(c, gpt2)
+            fns[f"{arch}: lmforge, optim.fused"] = lm_step_fn(lmf, build_optimizer(
+                lmf, dataclasses.replace(ocfg, fused=True), "cpu"))
+            models[f"{arch}: lmforge, optim.fused"] = lmf
+    peak = []
+    n_peak = 1024 if name != "tiny" else 256
+
+    def peak_fn():
+        peak.append(matmul_peak_flops(n_peak, rounds=2))
+
+    t = interleave({**{k: (lambda f=f: [f() for _ in range(reps)]) for k, f in fns.items()}, "peak": peak_fn},
+                   rounds=rounds)
+    peak_flops = sorted(peak)[len(peak) // 2]
+    rows = []
+    for arch, _ in variants:
+        base = t[f"{arch}: reference"] / reps
+        for k in [k for k in fns if k.startswith(arch)]:
+            sec = t[k] / reps
+            tps = B * T / sec
+            mfu = flops_per_token(models[k], c) * tps / peak_flops
+            ratio = base / sec
+            target = ""
+            if k.endswith(": lmforge"):
+                target = verdict(ratio, 1.0)
+            rows.append([f"{name} {k}", f"{sec * 1e3:.1f}", f"{tps:,.0f}", f"{mfu:.1%}", f"{ratio:.2f}x", target])
+        if f"{arch}: transformers" in fns:
+            hf_sec = t[f"{arch}: transformers"] / reps
+            for k in (f"{arch}: lmforge", f"{arch}: lmforge, optim.fused"):
+                if k in fns:
+                    r = hf_sec / (t[k] / reps)
+                    rows.append([f"{name} {k} vs transformers", "", "", "", f"{r:.2f}x", verdict(r, 1.25)])
+    print(f"{name}: B={B} T={T}, matmul peak {peak_flops / 1e9:.1f} GFLOP/s, {rounds} rounds x {reps} steps")
+    return rows
+
+
+def main(argv=None) -> list[list]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="both", choices=["char", "124m", "both", "tiny"])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=0, help="steps per round (0: 10 for char, 1 for 124m)")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    threads = set_threads(args.threads)
+    print(f"machine: {machine()}")
+    names = ["char", "124m"] if args.config == "both" else [args.config]
+    rows = []
+    for n in names:
+        reps = args.reps or (1 if n == "124m" else 10)
+        rows += run_config(n, args.rounds if n != "124m" else min(args.rounds, 3), reps)
+    table(f"Training step ({threads} threads; ratio = baseline s/step / candidate s/step)",
+          ["config: candidate", "ms/step", "tokens/s", "MFU", "vs reference", "target"], rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
