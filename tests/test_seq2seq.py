@@ -329,7 +329,7 @@ def test_bad_pairs_files(tmp_path):
     with pytest.raises(UserError, match="line 1: field 'target' must be a string"):
         read_pairs(bad)
     bad.write_text("\n\n", encoding="utf-8")
-    with pytest.raises(UserError, match="holds no pairs"):
+    with pytest.raises(UserError, match="holds no examples"):
         read_pairs(bad)
     with pytest.raises(UserError, match="not found"):
         read_pairs(tmp_path / "missing.jsonl")

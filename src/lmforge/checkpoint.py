@@ -234,8 +234,9 @@ def read_config(ckpt: Path) -> tuple[ModelConfig, dict]:
     return cfg, meta
 
 
-def load_state_into(module, state: dict, where: str) -> None:
-    """Load weights strictly, turning mismatches into one clear line."""
+def load_state_into(module, state: dict, where: str, assign: bool = False) -> None:
+    """Load weights strictly, turning mismatches into one clear line naming ``where``. With
+    ``assign=True`` the tensors become the parameters (no copy; for a meta-device module)."""
     expected = {k: v for k, v in module.state_dict().items()}
     if getattr(module.cfg, "tie_embeddings", False):
         expected.pop("lm_head.weight", None)
@@ -251,8 +252,8 @@ def load_state_into(module, state: dict, where: str) -> None:
         if bad:
             k = bad[0]
             parts.append(f"shape of {k} is {tuple(state[k].shape)}, config expects {tuple(expected[k].shape)}")
-        raise UserError(f"checkpoint {where}: weights do not match its config ({'; '.join(parts)})")
-    module.load_state_dict(state, strict=False)
+        raise UserError(f"{where}: weights do not match its config ({'; '.join(parts)})")
+    module.load_state_dict(state, strict=False, assign=assign)
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu", dtype=None):
@@ -298,7 +299,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype=None):
         except Exception as e:  # safetensors raises its own error types for truncated files
             raise UserError(f"checkpoint {ckpt}: cannot read model.safetensors ({e})") from None
         state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES)}  # e.g. a classifier's head
-        load_state_into(model, state, str(ckpt))
+        load_state_into(model, state, f"checkpoint {ckpt}")
         model.reinit_buffers()
         if cfg.tie_embeddings and getattr(model, "lm_head", None) is not None:  # an encoder may have no head
             model.lm_head.weight = model.tok_emb.weight

@@ -84,19 +84,13 @@ def read_sources(path: str, field: str = "source") -> list[str]:
         if not lines:
             raise UserError(f"{p} is empty")
         return lines
+    from .finetune.data import read_jsonl
+
     out = []
-    for no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p} line {no}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+    for no, obj in read_jsonl(p):
+        if not isinstance(obj.get(field), str):
             raise UserError(f"{p} line {no}: needs a string field {field!r}")
         out.append(obj[field])
-    if not out:
-        raise UserError(f"{p} holds no texts (the file is empty)")
     return out
 
 

@@ -45,35 +45,17 @@ SRC_TOKENIZER_DIR = "src_tokenizer"
 
 def read_pairs(path: str | Path, source_field: str = "source", target_field: str = "target") -> list[tuple[str, str]]:
     """(source, target) strings from a .jsonl file; a malformed line is an error naming its number."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"data file not found: {p}")
-    if p.is_dir():
-        raise UserError(f"{p} is a directory; give a .jsonl file of {{\"{source_field}\", \"{target_field}\"}} pairs")
+    from .data import read_jsonl
+
     pairs = []
-    try:
-        with open(p, "r", encoding="utf-8") as f:
-            for no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{p} line {no}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise UserError(f"{p} line {no}: expected a JSON object, got {type(obj).__name__}")
-                for name in (source_field, target_field):
-                    if name not in obj:
-                        raise UserError(f"{p} line {no}: missing field {name!r} (fields: {', '.join(sorted(obj))}); "
-                                        f"set --source-field/--target-field")
-                    if not isinstance(obj[name], str):
-                        raise UserError(f"{p} line {no}: field {name!r} must be a string, got "
-                                        f"{type(obj[name]).__name__}")
-                pairs.append((obj[source_field], obj[target_field]))
-    except UnicodeDecodeError as e:
-        raise UserError(f"{p}: not UTF-8 text (byte offset {e.start})") from None
-    if not pairs:
-        raise UserError(f"{p} holds no pairs (the file is empty)")
+    for no, obj in read_jsonl(path):
+        for name in (source_field, target_field):
+            if name not in obj:
+                raise UserError(f"{path} line {no}: missing field {name!r} (fields: {', '.join(sorted(obj))}); "
+                                f"set --source-field/--target-field")
+            if not isinstance(obj[name], str):
+                raise UserError(f"{path} line {no}: field {name!r} must be a string, got {type(obj[name]).__name__}")
+        pairs.append((obj[source_field], obj[target_field]))
     return pairs
 
 

@@ -672,23 +672,9 @@ def read_hf_config(directory: str | Path) -> dict:
 
 def load_state_assign(model, state: dict, where: str) -> None:
     """Put ``state`` into a meta-device ``model`` without copying (the tensors become the parameters)."""
-    expected = dict(model.state_dict())
-    if model.cfg.tie_embeddings:
-        expected.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    bad = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:3]}")
-        if bad:
-            k = bad[0]
-            parts.append(f"shape of {k} is {tuple(state[k].shape)}, config expects {tuple(expected[k].shape)}")
-        raise UserError(f"{where}: weights do not match the config ({'; '.join(parts)})")
-    model.load_state_dict(state, strict=False, assign=True)
+    from ..checkpoint import load_state_into
+
+    load_state_into(model, state, where, assign=True)
     model.reinit_buffers()
     if model.cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
