@@ -204,8 +204,18 @@ def cmd_pretrain(argv: list[str]) -> int:
     return 0
 
 
+@dataclass
+class ConsolidateArgs:
+    """`lmforge consolidate CKPT --out DIR`: turn a sharded (FSDP) checkpoint into a single checkpoint."""
+
+    model: tyro.conf.Positional[str]
+    """A sharded step checkpoint (RUN/checkpoints/step-N), or any checkpoint or run directory."""
+    out: str = "ckpt"
+    """Output checkpoint directory."""
+
+
 def cmd_consolidate(argv: list[str]) -> int:
-    args = tyro.cli(ExportArgs, args=argv, prog="lmforge consolidate")
+    args = tyro.cli(ConsolidateArgs, args=argv, prog="lmforge consolidate")
     from .checkpoint import load_checkpoint, save_checkpoint
 
     model, tokenizer, meta = load_checkpoint(args.model)
