@@ -54,16 +54,9 @@ def _drop_tied(cfg, state: dict) -> dict:
 
 def clean_state_dict(model) -> dict:
     """State dict of the unwrapped module, without the tied head and wrapper prefixes."""
-    module = unwrap(model)
-    sd = module.state_dict()
-    cfg = getattr(module, "cfg", None)
-    if cfg is not None and getattr(cfg, "tie_embeddings", False):
-        sd.pop("lm_head.weight", None)
-    out = {}
-    for k, v in sd.items():
-        k = k.replace("_orig_mod.", "").replace("module.", "", 1) if k.startswith(("module.", "_orig_mod.")) else k
-        out[k] = v.detach().contiguous()
-    return out
+    module = unwrap(model)  # the unwrapped module's keys carry no "module."/"_orig_mod." prefixes
+    sd = _drop_tied(getattr(module, "cfg", None), module.state_dict())
+    return {k: v.detach().contiguous() for k, v in sd.items()}
 
 
 def _fsync_tree(path: Path) -> None:

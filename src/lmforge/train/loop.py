@@ -258,7 +258,7 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("base_lr", ocfg.lr) / ocfg.lr
             rng_at_step_start = rng_state()
-            loss_sum = 0.0
+            micro_losses = []  # read back once per step: no host synchronization per micro-batch
             for micro in range(tcfg.grad_accum):
                 first = samples + (micro * info.world_size + info.rank) * tcfg.batch_size
                 indices = list(range(first, first + tcfg.batch_size))
@@ -268,7 +268,7 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
                     with autocast(device, dtype):
                         loss = task.loss_fn(fwd_model, batch)
                     (loss / tcfg.grad_accum).backward()
-                loss_sum += loss.detach().float().item()
+                micro_losses.append(loss.detach().float())
             grad_norm = None
             if ocfg.grad_clip > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), ocfg.grad_clip))
@@ -276,6 +276,7 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
             optimizer.zero_grad(set_to_none=True)
             step, samples = step + 1, samples + per_step
             rng_at_step_start = None
+            loss_sum = sum(torch.stack(micro_losses).cpu().tolist())
             train_loss = D.mean_across(loss_sum / tcfg.grad_accum, info, device)
             if not math.isfinite(train_loss):
                 raise UserError(f"training diverged: loss is {train_loss} at step {step}; lower --optim.lr or "
