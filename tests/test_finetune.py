@@ -324,6 +324,38 @@ def test_classifier_learns_saves_and_evaluates(tmp_path, tok, base_ckpt, rank):
     LM.load(final).generate("cat", max_new_tokens=2)  # still loads as a language model
 
 
+def test_classify_suffix_is_kept_whole_saved_and_applied_by_evaluate(tmp_path, tok, base_ckpt, monkeypatch):
+    from lmforge.eval.run import evaluate
+    from lmforge.config import EvaluateConfig
+    from lmforge.finetune.classify import finetune_classify, load_classifier, predict
+
+    ids = D.encode_texts(tok, ["cat dog fish bird", "sun"], 8, suffix="\nsky?")
+    tail = tok.encode("\nsky?")
+    assert [len(r) for r in ids] == [8, len(tok.encode("sun")) + len(tail)] and all(r[-len(tail):] == tail for r in ids)
+    assert ids[0][:3] == tok.encode("cat")  # the text is cut, not the suffix
+    with pytest.raises(UserError, match="suffix"):
+        D.encode_texts(tok, ["cat"], len(tail), suffix="\nsky?")
+
+    data = _write_jsonl(tmp_path / "train.jsonl", _cls_rows(80))
+    final = finetune_classify(_ft(base_ckpt, data, tmp_path / "run", task="classify", steps=3,
+                                  train={"save_every": 0}, suffix="\nsky?"), log=lambda *_: None)
+    assert json.loads((final / "config.json").read_text())["suffix"] == "\nsky?"
+    model, t, labels, meta = load_classifier(final)
+    texts = [r["text"] for r in _cls_rows(12, seed=9)]
+    with torch.no_grad():  # evaluate must score exactly the inputs training made, suffix included
+        x = D.ClassifyBatches(D.encode_texts(t, texts, 64, "\nsky?"), [0] * 12, t.pad_id or 0).fixed_batches(12)
+        b = next(iter(x))
+        want = model(b["x"], b["lengths"]).argmax(-1).tolist()
+    assert predict(model, t, texts, 64, suffix="\nsky?") == want
+    test = _write_jsonl(tmp_path / "test.jsonl", [{"text": x, "label": labels[p]} for x, p in zip(texts, want)])
+    seen = []
+    encode = D.encode_texts
+    monkeypatch.setattr(D, "encode_texts", lambda *a, **k: seen.append(a[3:] or k.get("suffix")) or encode(*a, **k))
+    result = evaluate(EvaluateConfig(model=str(final), task="classify", data=str(test), max_len=64),
+                      log=lambda *_: None, progress=False)
+    assert result["accuracy"] == 1.0 and seen == [("\nsky?",)]
+
+
 def test_classify_lora_resume_is_exact(tmp_path, base_ckpt):
     from lmforge.finetune.classify import finetune_classify
 

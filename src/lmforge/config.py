@@ -553,6 +553,8 @@ class ServeConfig:
     """cpu, cuda, cuda:N or mps."""
     dtype: Optional[str] = None
     """fp32, bf16 or fp16; default: the checkpoint's."""
+    quantize: Literal["none", "int8"] = "none"
+    """Weight-only int8 quantization of the linear layers for faster CPU decoding (lmforge.quantize)."""
     threads: int = 0
     """CPU threads for torch; 0 leaves torch's default."""
     access_log: bool = False
@@ -645,6 +647,10 @@ class FinetuneConfig:
     """classify: the label names in order; empty means the sorted labels found in the training data."""
     class_weights: Literal["none", "balanced"] = "none"
     """classify: weight the loss per class; balanced weights each class by n / (k * count)."""
+    suffix: str = ""
+    """classify: text put after every (cut) text and always kept whole, e.g. $'\\n\\nTopic:'; the head reads
+    its last token, where a pretrained model has summed up the text to continue it. Saved with the model
+    and applied again by `lmforge evaluate`."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, min_lr=5e-5, warmup_steps=20,
                                                                    weight_decay=0.0))

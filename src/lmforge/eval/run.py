@@ -106,7 +106,8 @@ def evaluate(cfg: EvaluateConfig, log: Callable[[str], None] = print, progress: 
         examples = read_labeled(cfg.data, cfg.text_field, cfg.label_field)[:n]
         y = label_ids(examples, labels)
         max_len = cfg.max_len or meta.get("max_len") or model.cfg.block_size
-        preds = predict(model, tok, [e.text for e in examples], max_len, cfg.batch_size, progress=progress)
+        preds = predict(model, tok, [e.text for e in examples], max_len, cfg.batch_size, progress=progress,
+                        suffix=meta.get("suffix") or "")
         result = {"task": "classify", **classification_report(y, preds, labels)}
     else:
         from ..lm import LM

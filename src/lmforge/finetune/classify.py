@@ -84,11 +84,11 @@ def balanced_weights(labels: list[int], k: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def predict(model: SequenceClassifier, tok, texts: list[str], max_len: int, batch_size: int = 16,
-            progress: bool = False) -> list[int]:
+            progress: bool = False, suffix: str = "") -> list[int]:
     from .data import ClassifyBatches, encode_texts
 
     model.eval()
-    ids = encode_texts(tok, texts, max_len)
+    ids = encode_texts(tok, texts, max_len, suffix)
     batches = ClassifyBatches(ids, [0] * len(ids), tok.pad_id if tok.pad_id is not None else 0)
     device = next(model.parameters()).device
     preds: list[int] = []
@@ -158,8 +158,11 @@ def finetune_classify(cfg: FinetuneConfig, log: Callable[[str], None] = print) -
     y_train, y_val = label_ids(train_ex, labels), label_ids(val_ex, labels)
     tok, max_len = base.tokenizer, base.max_len
     pad = tok.pad_id if tok.pad_id is not None else 0
-    train_b = ClassifyBatches(encode_texts(tok, [e.text for e in train_ex], max_len), y_train, pad, cfg.train.seed)
-    val_b = ClassifyBatches(encode_texts(tok, [e.text for e in val_ex], max_len), y_val, pad) if val_ex else None
+    suffix = cfg.suffix or base.ckpt_meta.get("suffix") or ""
+    train_b = ClassifyBatches(encode_texts(tok, [e.text for e in train_ex], max_len, suffix), y_train, pad,
+                              cfg.train.seed)
+    val_b = ClassifyBatches(encode_texts(tok, [e.text for e in val_ex], max_len, suffix), y_val, pad) \
+        if val_ex else None
 
     model = SequenceClassifier(base.lm, len(labels))
     head_state = base.resumed_head(HEAD_PREFIX)
@@ -173,12 +176,13 @@ def finetune_classify(cfg: FinetuneConfig, log: Callable[[str], None] = print) -
     if val_b is not None and cfg.train.eval_every:
         fixed = val_b.fixed_batches(cfg.train.batch_size, cfg.train.eval_batches)
         eval_batches = lambda: iter(fixed)  # noqa: E731
-    extra = base.extra(task="classify", labels=labels, max_len=max_len)
+    extra = base.extra(task="classify", labels=labels, max_len=max_len, suffix=suffix)
     final = run_task(base, model, train_b.get_batch, make_loss(weights), max_len, eval_batches, extra,
                      head=("cls_head.", model.cls_head), log=log)
 
     if val_ex and (final / "config.json").is_file() and cfg.train.stop_after == 0:
-        preds = predict(model, tok, [e.text for e in val_ex], max_len, batch_size=cfg.train.batch_size * 2)
+        preds = predict(model, tok, [e.text for e in val_ex], max_len, batch_size=cfg.train.batch_size * 2,
+                        suffix=suffix)
         report = classification_report(y_val, preds, labels)
         write_json(Path(cfg.out) / "eval.json", {"task": "classify", "model": str(final), "data": "validation",
                                                   **report})

@@ -357,18 +357,24 @@ def label_ids(examples: list[LabeledText], labels: list[str]) -> list[int]:
     return out
 
 
-def encode_texts(tok, texts: Sequence[str], max_len: int) -> list[list[int]]:
-    """Token ids for classification: the text, cut to ``max_len`` tokens (with BOS when the model wants
-    one). The head reads the last text token itself, not an appended EOS: in a chat model the hidden
-    state at an end-of-turn token mostly prepares the next turn and carries little of the text (a linear
-    probe on SmolLM2-135M's BBC News features: 0.58 accuracy at an appended EOS, 0.82 at the last word)."""
+def encode_texts(tok, texts: Sequence[str], max_len: int, suffix: str = "") -> list[list[int]]:
+    """Token ids for classification: the text cut so that it and ``suffix`` fit in ``max_len`` tokens
+    (with BOS when the model wants one). The head reads the last token, which is the suffix's when there is
+    one. Not an appended EOS: in a chat model the hidden state at an end-of-turn token mostly prepares the
+    next turn and carries little of the text. Linear probes on frozen SmolLM2-135M features of BBC News
+    articles cut to 64 tokens (240 training, 160 held out): 0.82 at the last word, 0.58 at an appended EOS
+    in an earlier probe, 0.94 at the end of the suffix "\\n\\nTopic:"."""
     from ..generate import wants_bos
 
     bos = [tok.bos_id] if wants_bos(tok) and tok.bos_id is not None else []
-    room = max_len - len(bos)
+    tail = tok.encode(suffix) if suffix else []
+    room = max_len - len(bos) - len(tail)
+    if room < 1:
+        raise UserError(f"the classification suffix {suffix!r} takes {len(tail)} tokens; max_len {max_len} "
+                        f"leaves no room for the text")
     out = []
     for ids in tok.encode_batch(list(texts)):
-        ids = bos + ids[:room]
+        ids = bos + ids[:room] + tail
         out.append(ids if ids else [tok.eos_id if tok.eos_id is not None else (tok.pad_id or 0)])
     return out
 
