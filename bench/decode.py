@@ -51,11 +51,14 @@ def build_pair(size: str, seed: int = 0):
 def weight_bytes_per_token(model: nn.Module, ctx: int) -> int:
     """Bytes a one-token forward must read: every Linear's weight (int8 or fp32) and bias, plus the KV cache
     at context ``ctx`` (fp32)."""
+    from lmforge.packed import PackedLinear
     from lmforge.quantize import QuantLinear
 
     total = 0
     for m in model.modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, PackedLinear):
+            total += m.in_features * m.out_features * 4 + (m.bias.numel() * 4 if m.bias is not None else 0)
+        elif isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size() + (m.bias.numel() * 4 if m.bias is not None else 0)
         elif isinstance(m, QuantLinear):
             total += m.weight_int8.numel() + m.scale.numel() * 4 + (m.bias.numel() * 4 if m.bias is not None else 0)
@@ -113,10 +116,13 @@ def main(argv=None) -> dict:
     threads = set_threads(args.threads)
     from lmforge.config import GenerateConfig
     from lmforge.generate import generate_ids
+    from lmforge.lm import prepare_for_inference
     from lmforge.quantize import quantize_model
 
     model, hf = build_pair(args.size)
-    q8 = quantize_model(build_pair(args.size)[0], "int8")
+    n_params = sum(p.numel() for p in model.parameters())
+    prepare_for_inference(model)  # what LM.load does on the CPU: fp32 linear layers packed for oneDNN
+    q8 = prepare_for_inference(build_pair(args.size)[0], "int8")
     V, N, P = model.cfg.vocab_size, args.new_tokens, args.prompt_tokens
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, V, (1, P), generator=g)
@@ -155,7 +161,7 @@ def main(argv=None) -> dict:
     b1, hf_b1, b8, i8 = (tps["lmforge fp32 b1"], tps["transformers generate b1"], tps[f"lmforge fp32 b{args.batch}"],
                          tps["lmforge int8 b1"])
     print(f"machine: {machine()}; {threads} threads")
-    print(f"model: GPT-2 {args.size} shape, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, fp32; "
+    print(f"model: GPT-2 {args.size} shape, {n_params / 1e6:.1f}M params, fp32; "
           f"prompt {P} tokens, {N} new tokens, greedy; {args.rounds} interleaved rounds (medians)")
     print(f"greedy tokens identical to transformers: {same} ({agree:.0%} of positions agree)")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; bytes per token fp32 {bytes_fp32 / 1e6:.0f} MB, "

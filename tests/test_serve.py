@@ -163,6 +163,25 @@ def test_listens_on_loopback_and_describes_itself(server):
     assert "<script src" not in page.text and "<link" not in page.text  # self-contained: works offline
 
 
+def test_int8_server_answers_like_the_int8_model(tmp_path):
+    """`lmforge serve --quantize int8`: the served greedy text is the int8 model's own (a peaked random
+    model, so that greedy choices are not near-ties)."""
+    from lmforge.lm import LM
+
+    ckpt = build_checkpoint(tmp_path / "peaked", init_std=0.2)
+    want = LM.load(ckpt, quantize="int8").generate("To be, or not", max_new_tokens=12, temperature=0.0,
+                                                  stop=[])
+    s = ServerProcess(ckpt, "--quantize", "int8", "--max-batch", "2")
+    try:
+        assert s.health()["quantize"] == "int8"
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "To be, or not", "max_tokens": 12,
+                                                         "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want
+    finally:
+        assert s.stop() == 0
+
+
 def test_openai_client_completes_chats_and_streams(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)

@@ -39,6 +39,21 @@ def _as_dtype(dtype) -> Optional[torch.dtype]:
     raise UserError(f"dtype: unknown dtype {dtype!r} (use fp32, bf16 or fp16)")
 
 
+def prepare_for_inference(model, quantize: str = "none", pack: bool = True):
+    """What LM.load does to a decoder before generating: int8 weights (``quantize="int8"``), or on the
+    CPU in fp32 oneDNN-packed linear layers (``pack``); returns the model, in eval mode."""
+    model.eval()
+    if quantize != "none":
+        from .quantize import quantize_model
+
+        quantize_model(model, quantize)
+    elif pack:
+        from .packed import pack_linears
+
+        pack_linears(model)
+    return model
+
+
 class LM:
     """A language model and its tokenizer, ready to generate, chat, score and save."""
 
@@ -50,11 +65,14 @@ class LM:
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: Union[str, Path], device: str = "cpu", dtype=None, quantize: str = "none") -> "LM":
+    def load(cls, path: Union[str, Path], device: str = "cpu", dtype=None, quantize: str = "none",
+             pack: bool = True) -> "LM":
         """Load a CKPT dir, a RUN dir (its newest checkpoint) or a Hugging Face model dir.
 
         ``quantize="int8"``: weight-only int8 linear layers for faster CPU decoding (lmforge.quantize);
-        such an LM is for inference only (it cannot be saved)."""
+        such an LM is for inference only (it cannot be saved).
+        ``pack``: on the CPU in fp32, hold the linear layers in oneDNN's packed form, about 2x faster for
+        one-token decoding steps (lmforge.packed); the LM still saves and exports as usual."""
         from .checkpoint import load_checkpoint
 
         if quantize not in ("none", "int8"):
@@ -67,10 +85,7 @@ class LM:
             use = "lmforge translate / lmforge summarize" if arch == "seq2seq" else "lmforge embed"
             raise UserError(f"{path} holds an {'encoder-decoder' if arch == 'seq2seq' else 'encoder-only'} model, "
                             f"which does not continue text; use {use}")
-        if quantize != "none":
-            from .quantize import quantize_model
-
-            quantize_model(model, quantize)
+        prepare_for_inference(model, quantize, pack)
         if "generation" not in meta:
             gen = Path(meta.get("path", path)) / "generation_config.json"
             if gen.is_file():
@@ -86,7 +101,18 @@ class LM:
 
     @property
     def num_params(self) -> int:
-        return self.model.num_params()
+        """Parameters of the model as trained (packed or int8 linear layers counted as the weights they hold)."""
+        from .packed import PackedLinear
+        from .quantize import QuantLinear
+
+        n = self.model.num_params()
+        tied = getattr(self.model.cfg, "tie_embeddings", False)
+        for name, m in self.model.named_modules():
+            if isinstance(m, (PackedLinear, QuantLinear)) and not (tied and name == "lm_head"):
+                n += m.in_features * m.out_features
+                if isinstance(m, QuantLinear) and m.bias is not None:
+                    n += m.out_features  # a buffer there, a parameter in the trained model
+        return n
 
     @property
     def name(self) -> str:

@@ -179,6 +179,7 @@ class ModelList(BaseModel):
 class Health(BaseModel):
     status: str
     model: str
+    quantize: str
     slots: int
     active: int
     waiting: int
@@ -490,6 +491,7 @@ def create_app(lm, cfg: ServeConfig, name: Optional[str] = None) -> FastAPI:
         raise UserError("this model has no tokenizer; serve a checkpoint that includes tokenizer.json")
     cfg.validate()
     name = name or cfg.model_name or lm.name
+    quantized = getattr(lm.model, "quantized", "none")
     server = Server(lm, cfg, name)
     page = _page()
 
@@ -555,7 +557,7 @@ def create_app(lm, cfg: ServeConfig, name: Optional[str] = None) -> FastAPI:
 
     @app.get("/health", response_model=Health, summary="Liveness and load")
     async def health() -> dict:
-        return {"status": "ok", "model": name, **server.engine.stats()}
+        return {"status": "ok", "model": name, "quantize": quantized, **server.engine.stats()}
 
     def card() -> dict:
         return {"id": name, "object": "model", "created": server.created, "owned_by": "lmforge"}

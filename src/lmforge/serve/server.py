@@ -55,7 +55,7 @@ def serve(model: str, cfg: ServeConfig) -> int:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    lm = LM.load(model, device=cfg.device, dtype=cfg.dtype)
+    lm = LM.load(model, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
     app = create_app(lm, cfg)
     server_state = app.state.server
     sock = bind(cfg.host, cfg.port)
