@@ -51,3 +51,14 @@ def test_gpu_bench_dry_run(capsys):
 
     rows = gpu.main(["--dry-run", "--skip-ttq"])
     assert "dry run" in rows[0][0] and "MFU" in rows[0][2]
+
+
+def test_prepare_speed_bench_smoke(capsys):
+    pytest.importorskip("psutil")
+    from bench import prepare_speed
+
+    rows = prepare_speed.main(["--mb", "1", "--vocab", "300"])
+    out = capsys.readouterr().out
+    assert "MB/s per core" in out and "process tree PSS" in out
+    pss = float(rows[2][1].split()[0])
+    assert 10 < pss < 4096  # a real sample of the child's tree was taken

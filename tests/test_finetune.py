@@ -265,6 +265,35 @@ def test_sft_resume_is_exact(tmp_path, tok, base_ckpt, rank):
             finetune_sft(_ft(base_ckpt, data, tmp_path / "cut", rank=0, resume=True, steps=8), log=quiet)
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_sft_weighs_every_target_token_alike_across_micro_batches(tmp_path, tok, base_ckpt, pack):
+    """Batch 8 in one micro-batch and 4 x 2 accumulated see the same examples; with the loss divided by
+    the step's target count (not averaged per micro-batch), they take the same steps."""
+    from safetensors.torch import load_file
+
+    from lmforge.finetune.sft import finetune_sft, sft_loss, target_count
+
+    rows = _chat_rows(48, seed=4)
+    for i, r in enumerate(rows):  # answers of very different lengths, so micro-batches hold unequal targets
+        r["messages"][1]["content"] = " ".join([r["messages"][1]["content"]] * (1 + i % 5))
+    data = _write_jsonl(tmp_path / "chat.jsonl", rows)
+    quiet = lambda *_: None  # noqa: E731
+    finetune_sft(_ft(base_ckpt, data, tmp_path / "one", steps=4, pack=pack, train={"batch_size": 8}), log=quiet)
+    finetune_sft(_ft(base_ckpt, data, tmp_path / "acc", steps=4, pack=pack,
+                     train={"batch_size": 4, "grad_accum": 2}), log=quiet)
+    one, acc = _losses(tmp_path / "one"), _losses(tmp_path / "acc")
+    assert one == pytest.approx(acc, rel=1e-5, abs=1e-6)
+    w1, w2 = (load_file(str(tmp_path / r / "final/model.safetensors")) for r in ("one", "acc"))
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+    x = {"x": torch.zeros(2, 3, dtype=torch.long), "y": torch.tensor([[1, -100, 2], [-100, -100, 3]])}
+    assert target_count(x) == 3
+    model = build_model(_cfg(tok.vocab_size))
+    per_token = torch.nn.functional.cross_entropy(model(x["x"]).flatten(0, 1), x["y"].flatten(),
+                                                  ignore_index=-100, reduction="none")
+    torch.testing.assert_close(sft_loss(model, x), per_token.sum())
+
+
 # --------------------------------------------------------------------------------------------------
 # Chat SFT teaches the model to stop
 

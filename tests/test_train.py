@@ -246,3 +246,16 @@ def test_muon_orthogonalizes_and_trains():
         opt.step()
         opt.zero_grad()
     assert loss.item() < 0.5 * first
+
+
+def test_malloc_tuning_applies_on_glibc_and_can_be_turned_off():
+    import platform
+
+    code = "from lmforge.train.memory import keep_freed_memory as k; print(k(), k())"
+    env = {k: v for k, v in os.environ.items() if k != "LMFORGE_MALLOC_TUNE"}
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, "LMFORGE_MALLOC_TUNE": "0"})
+    assert off.stdout.split() == ["False", "False"]
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert on.stdout.split() == ["True", "True"]

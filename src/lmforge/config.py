@@ -370,7 +370,8 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     fused: Optional[bool] = None
-    """Use torch's fused AdamW; None means on CUDA only."""
+    """Use torch's fused AdamW (one kernel per tensor); None means on the CPU and CUDA. It gives the same
+    update up to rounding as the unfused form (false), which a run started with it keeps on resume."""
 
     def validate(self) -> "OptimConfig":
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")

@@ -147,7 +147,8 @@ class Base:
 
 
 def run_task(base: Base, model: nn.Module, get_batch, loss_fn, tokens_per_sample: int, eval_batches,
-             extra: dict, head: Optional[tuple[str, nn.Module]] = None, log: Callable[[str], None] = print) -> Path:
+             extra: dict, head: Optional[tuple[str, nn.Module]] = None, log: Callable[[str], None] = print,
+             loss_terms: Optional[Callable[[dict], int]] = None) -> Path:
     """Hand the task to the one training loop; returns the final checkpoint (or the last one written)."""
     from ..train.loop import TrainTask, train
 
@@ -155,7 +156,8 @@ def run_task(base: Base, model: nn.Module, get_batch, loss_fn, tokens_per_sample
     base.write_run_yaml()
     task = TrainTask(model=model, get_batch=get_batch, loss_fn=loss_fn, tokens_per_sample=tokens_per_sample,
                      eval_batches=eval_batches, tokenizer=base.tokenizer, extra_config=extra,
-                     trainable=base.state_fn(head), weights_file=ADAPTER_FILE if cfg.lora.rank else "model.safetensors")
+                     trainable=base.state_fn(head), weights_file=ADAPTER_FILE if cfg.lora.rank else "model.safetensors",
+                     loss_terms=loss_terms)
     return train(task, cfg.train, cfg.optim, base.out, resume=base.resume, dist_info=base.info, log=log)
 
 

@@ -1,8 +1,10 @@
 """Supervised fine-tuning on instructions and conversations (SFT), fully or with LoRA.
 
-The step function is next-token cross-entropy averaged over the assistant tokens of the batch only (the
-loss mask built in ``data.encode_conversation``); prompts, system messages and padding are context, never
-targets. Packed rows pass ``positions`` and ``doc_ids`` to the model so each example sees only itself.
+The step function is next-token cross-entropy over the assistant tokens only (the loss mask built in
+``data.encode_conversation``); prompts, system messages and padding are context, never targets. It is
+summed per batch and the training loop divides by the step's target count over all micro-batches and
+processes (``TrainTask.loss_terms``), so each assistant token weighs the same whatever the
+accumulation and process count. Packed rows pass ``positions`` and ``doc_ids`` to the model so each example sees only itself.
 """
 from __future__ import annotations
 
@@ -16,9 +18,15 @@ from ..config import FinetuneConfig
 
 
 def sft_loss(model, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy over the batch's target tokens (labels -100 are context)."""
+    """Cross-entropy summed over the batch's target tokens (labels -100 are context)."""
     logits_BTV = model(batch["x"], positions_BT=batch.get("positions"), doc_ids_BT=batch.get("doc_ids"))
-    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["y"].flatten(), ignore_index=-100)
+    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["y"].flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
+def target_count(batch: dict) -> int:
+    """The number of target tokens of a batch (the terms ``sft_loss`` sums)."""
+    return int((batch["y"] != -100).sum())
 
 
 def per_example_loss(model, batch: dict) -> torch.Tensor:
@@ -70,4 +78,4 @@ def finetune_sft(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Pat
         f"targets) in {len(train_b):,} {'packed rows' if cfg.pack else 'rows'} of up to {max_len} tokens; "
         f"{len(val):,} validation examples")
     return run_task(base, base.lm, train_b.get_batch, sft_loss, max_len, eval_batches,
-                    base.extra(max_len=max_len), log=log)
+                    base.extra(max_len=max_len), log=log, loss_terms=target_count)

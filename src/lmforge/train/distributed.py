@@ -117,12 +117,16 @@ def no_sync(model: nn.Module, info: DistInfo, last_micro: bool):
     return contextlib.nullcontext()
 
 
-def mean_across(value: float, info: DistInfo, device: torch.device) -> float:
+def sum_across(value: float, info: DistInfo, device: torch.device) -> float:
     if info.world_size == 1:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t.item()) / info.world_size
+    return float(t.item())
+
+
+def mean_across(value: float, info: DistInfo, device: torch.device) -> float:
+    return sum_across(value, info, device) / info.world_size
 
 
 def barrier(info: DistInfo) -> None:

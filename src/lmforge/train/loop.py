@@ -44,7 +44,7 @@ class TrainTask:
     get_batch: Callable[[list[int]], dict]
     """Global sample indices -> a dict of CPU tensors."""
     loss_fn: Callable[[nn.Module, dict], torch.Tensor]
-    """(model, batch on device) -> scalar mean loss."""
+    """(model, batch on device) -> scalar mean loss (the sum, when ``loss_terms`` is set)."""
     tokens_per_sample: int
     """For throughput: tokens processed per sample."""
     eval_batches: Optional[Callable[[], Iterable[dict]]] = None
@@ -56,6 +56,11 @@ class TrainTask:
     """If set, the state dict to checkpoint (LoRA saves only its adapters)."""
     weights_file: str = "model.safetensors"
     """File name of the checkpointed weights (a LoRA adapter checkpoint uses adapter.safetensors)."""
+    loss_terms: Optional[Callable[[dict], int]] = None
+    """If set, ``loss_fn`` returns the loss summed over a batch's terms (SFT: its target tokens) and this
+    counts them. A step then divides by the count over all its micro-batches and processes, so every term
+    weighs the same wherever it falls (a mean of per-micro-batch means would give the tokens of a
+    micro-batch with few targets more weight); validation likewise."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,7 +140,7 @@ def evaluate(model: nn.Module, task: TrainTask, device, dtype, info: Optional[Di
     for batch in task.eval_batches():
         with autocast(device, dtype):
             total += float(task.loss_fn(model, _to_device(batch, device)))
-        n += 1
+        n += task.loss_terms(batch) if task.loss_terms is not None else 1
     model.train(was_training)
     return total / n if n else None
 
@@ -174,6 +179,10 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
                         "use --train.parallel ddp")
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
+    if device.type == "cpu":
+        from .memory import keep_freed_memory
+
+        keep_freed_memory()
     model = D.wrap_model(task.model.to(device), info, tcfg, device, dtype)
     plain = unwrap(task.model)
     model.train()
@@ -259,15 +268,26 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
                 group["lr"] = lr * group.get("base_lr", ocfg.lr) / ocfg.lr
             rng_at_step_start = rng_state()
             micro_losses = []  # read back once per step: no host synchronization per micro-batch
-            for micro in range(tcfg.grad_accum):
+
+            def micro_batch(micro: int) -> dict:
                 first = samples + (micro * info.world_size + info.rank) * tcfg.batch_size
                 indices = list(range(first, first + tcfg.batch_size))
                 trace.write(step=step + 1, micro=micro, indices=indices)
-                batch = _to_device(task.get_batch(indices), device)
+                return task.get_batch(indices)
+
+            if task.loss_terms is None:
+                batches = (micro_batch(m) for m in range(tcfg.grad_accum))
+                scale = 1.0 / tcfg.grad_accum
+            else:  # count the step's terms first; DDP then averages the gradients over the processes
+                batches = [micro_batch(m) for m in range(tcfg.grad_accum)]
+                terms = D.sum_across(float(sum(task.loss_terms(b) for b in batches)), info, device)
+                scale = info.world_size / max(terms, 1.0)
+            for micro, cpu_batch in enumerate(batches):
+                batch = _to_device(cpu_batch, device)
                 with D.no_sync(model, info, last_micro=micro == tcfg.grad_accum - 1):
                     with autocast(device, dtype):
                         loss = task.loss_fn(fwd_model, batch)
-                    (loss / tcfg.grad_accum).backward()
+                    (loss / tcfg.grad_accum if task.loss_terms is None else loss * scale).backward()
                 micro_losses.append(loss.detach().float())
             grad_norm = None
             if ocfg.grad_clip > 0:
@@ -277,7 +297,10 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
             step, samples = step + 1, samples + per_step
             rng_at_step_start = None
             loss_sum = sum(torch.stack(micro_losses).cpu().tolist())
-            train_loss = D.mean_across(loss_sum / tcfg.grad_accum, info, device)
+            if task.loss_terms is None:
+                train_loss = D.mean_across(loss_sum / tcfg.grad_accum, info, device)
+            else:
+                train_loss = D.sum_across(loss_sum, info, device) / max(terms, 1.0)
             if not math.isfinite(train_loss):
                 raise UserError(f"training diverged: loss is {train_loss} at step {step}; lower --optim.lr or "
                                 f"raise --optim.warmup_steps")
