@@ -52,6 +52,11 @@ def set_threads(n: int) -> int:
         busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= cores
         n = 1 if busy else min(cores, 8)
     torch.set_num_threads(n)
+    # lmforge's training loop keeps freed memory for reuse (lmforge.train.memory); it is process-wide, so
+    # set it from the start: every candidate of a run then allocates under the same rules.
+    from lmforge.train.memory import keep_freed_memory
+
+    keep_freed_memory()
     return n
 
 

@@ -103,9 +103,9 @@ def run_config(name: str, rounds: int, reps: int, seed: int = 0) -> list[list]:
             models[f"{arch}: transformers"] = hf
         if name != "124m":
             lmf = lmforge_model(c, gpt2)
-            fns[f"{arch}: lmforge, optim.fused"] = lm_step_fn(lmf, build_optimizer(
-                lmf, dataclasses.replace(ocfg, fused=True), "cpu"))
-            models[f"{arch}: lmforge, optim.fused"] = lmf
+            fns[f"{arch}: lmforge, optim.fused=false"] = lm_step_fn(lmf, build_optimizer(
+                lmf, dataclasses.replace(ocfg, fused=False), "cpu"))
+            models[f"{arch}: lmforge, optim.fused=false"] = lmf
     peak = []
     n_peak = 1024 if name != "tiny" else 256
 
@@ -129,7 +129,7 @@ def run_config(name: str, rounds: int, reps: int, seed: int = 0) -> list[list]:
             rows.append([f"{name} {k}", f"{sec * 1e3:.1f}", f"{tps:,.0f}", f"{mfu:.1%}", f"{ratio:.2f}x", target])
         if f"{arch}: transformers" in fns:
             hf_sec = t[f"{arch}: transformers"] / reps
-            for k in (f"{arch}: lmforge", f"{arch}: lmforge, optim.fused"):
+            for k in (f"{arch}: lmforge", f"{arch}: lmforge, optim.fused=false"):
                 if k in fns:
                     r = hf_sec / (t[k] / reps)
                     rows.append([f"{name} {k} vs transformers", "", "", "", f"{r:.2f}x", verdict(r, 1.25)])
