@@ -649,9 +649,9 @@ class FinetuneConfig:
     class_weights: Literal["none", "balanced"] = "none"
     """classify: weight the loss per class; balanced weights each class by n / (k * count)."""
     suffix: str = ""
-    """classify: text put after every (cut) text and always kept whole, e.g. $'\\n\\nTopic:'; the head reads
-    its last token, where a pretrained model has summed up the text to continue it. Saved with the model
-    and applied again by `lmforge evaluate`."""
+    """classify: text put after every (cut) text and always kept whole, such as a blank line then
+    "Topic:" (in bash: $'\\n\\nTopic:'); the head reads its last token, where a pretrained model has summed
+    up the text to continue it. Saved with the model and applied again by `lmforge evaluate`."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, min_lr=5e-5, warmup_steps=20,
                                                                    weight_decay=0.0))
