@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import shutil
@@ -52,7 +53,10 @@ class TreeMemory:
     """Peak summed RSS and PSS (MiB) of a process and its descendants, sampled in a thread."""
 
     def __init__(self, pid: int, every: float = 0.2):
-        import psutil
+        try:
+            import psutil
+        except ImportError:
+            raise SystemExit("bench.prepare_speed samples memory with psutil: pip install psutil") from None
 
         self.root = psutil.Process(pid)
         self.rss = self.pss = 0.0
@@ -113,7 +117,8 @@ def main(argv=None) -> list[list]:
         tokens = sum(s["tokens"] for s in meta["splits"].values())
         per_core = nbytes / 1e6 / cpu
         rows = [["BPE prepare, MB/s per core (CPU time)", f"{per_core:.1f}", verdict(per_core, 5.0)],
-                ["BPE prepare, MB/s wall clock", f"{nbytes / 1e6 / wall:.1f} ({args.workers} workers)", ""],
+                ["BPE prepare, MB/s wall clock",
+                 f"{nbytes / 1e6 / wall:.1f} ({args.workers or os.cpu_count()} workers)", ""],
                 [f"peak memory, {nbytes / 1e6:.0f} MB corpus, process tree PSS", f"{mem.pss:.0f} MiB",
                  verdict(mem.pss, 1024, higher_is_better=False)],
                 ["peak memory, process tree RSS summed (shared pages counted per process)", f"{mem.rss:.0f} MiB",

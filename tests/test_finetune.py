@@ -271,7 +271,7 @@ def test_sft_weighs_every_target_token_alike_across_micro_batches(tmp_path, tok,
     the step's target count (not averaged per micro-batch), they take the same steps."""
     from safetensors.torch import load_file
 
-    from lmforge.finetune.sft import finetune_sft, sft_loss, target_count
+    from lmforge.finetune.sft import finetune_sft, sft_loss_sum, target_count
 
     rows = _chat_rows(48, seed=4)
     for i, r in enumerate(rows):  # answers of very different lengths, so micro-batches hold unequal targets
@@ -291,7 +291,7 @@ def test_sft_weighs_every_target_token_alike_across_micro_batches(tmp_path, tok,
     model = build_model(_cfg(tok.vocab_size))
     per_token = torch.nn.functional.cross_entropy(model(x["x"]).flatten(0, 1), x["y"].flatten(),
                                                   ignore_index=-100, reduction="none")
-    torch.testing.assert_close(sft_loss(model, x), per_token.sum())
+    torch.testing.assert_close(sft_loss_sum(model, x), per_token.sum())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -383,6 +383,11 @@ def test_classify_suffix_is_kept_whole_saved_and_applied_by_evaluate(tmp_path, t
     result = evaluate(EvaluateConfig(model=str(final), task="classify", data=str(test), max_len=64),
                       log=lambda *_: None, progress=False)
     assert result["accuracy"] == 1.0 and seen == [("\nsky?",)]
+    finetune_classify(_ft(base_ckpt, data, tmp_path / "cut", task="classify", steps=3, suffix="\nsky?",
+                          train={"stop_after": 1}), log=lambda *_: None)
+    with pytest.raises(UserError, match="suffix"):  # resuming it with another suffix
+        finetune_classify(_ft(base_ckpt, data, tmp_path / "cut", task="classify", steps=3, suffix="\nsea?",
+                              resume=True), log=lambda *_: None)
 
 
 def test_classify_lora_resume_is_exact(tmp_path, base_ckpt):

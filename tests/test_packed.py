@@ -8,7 +8,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from lmforge.checkpoint import save_checkpoint
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, UserError
 from lmforge.models import build_model
 from lmforge.packed import PackedLinear, is_packed, pack_linears, packing_available, unpack_linears
 from lmforge.tokenizer import Tokenizer
@@ -41,8 +41,37 @@ def test_packed_linear_matches_linear_and_keeps_its_state(bias):
         torch.testing.assert_close(packed(x), other(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="size mismatch"):
         packed.load_state_dict(nn.Linear(40, 48, bias=bias).state_dict())
-    with pytest.raises(RuntimeError, match="for inference"):
-        packed(torch.randn(2, 48, requires_grad=True))
+    x = torch.randn(2, 48, requires_grad=True)  # gradients still reach the input (the weight stays fixed)
+    packed(x).sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    other(x2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.weight, other.weight.detach())
+
+
+def test_packed_linear_copies_pickles_and_changes_dtype():
+    import copy
+    import io
+
+    torch.manual_seed(2)
+    lin = nn.Linear(32, 24)
+    packed = PackedLinear(lin)
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        want = lin(x)
+        torch.testing.assert_close(copy.deepcopy(packed)(x), want, rtol=1e-5, atol=1e-5)
+        buf = io.BytesIO()
+        torch.save(packed, buf)
+        buf.seek(0)
+        torch.testing.assert_close(torch.load(buf, weights_only=False)(x), want, rtol=1e-5, atol=1e-5)
+        packed.to(torch.bfloat16)  # not packable: a dense bf16 weight and F.linear
+        assert packed.packed is None and packed.weight.dtype == torch.bfloat16
+        torch.testing.assert_close(packed(x.bfloat16()).float(), want, rtol=2e-2, atol=5e-2)
+        packed.float()  # fp32 on the CPU again: packed again
+        assert packed.packed is not None
+        torch.testing.assert_close(packed(x), want, rtol=1e-2, atol=1e-2)
+    with pytest.raises(RuntimeError, match="Unexpected"):
+        packed.load_state_dict({**lin.state_dict(), "extra": torch.zeros(1)})
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -74,6 +103,13 @@ def test_lm_load_packs_on_cpu_and_saves_and_exports_unchanged(tmp_path):
     lm = LM.load(ckpt)
     assert is_packed(lm.model) and not is_packed(LM.load(ckpt, pack=False).model)
     assert lm.num_params == model.num_params() == LM.load(ckpt, quantize="int8").num_params
+    from lmforge.quantize import QuantLinear, quantize_model
+
+    again = LM.load(ckpt)  # packed; quantizing it afterwards works on its dense weights
+    quantize_model(again.model, "int8")
+    assert sum(isinstance(m, QuantLinear) for m in again.model.modules()) == 2 * 4 + 1
+    with pytest.raises(UserError, match="no linear layers"):
+        quantize_model(again.model, "int8")
     x = torch.randint(0, tok.vocab_size, (1, 12))
     with torch.inference_mode():
         torch.testing.assert_close(lm.model(x), model(x), rtol=1e-4, atol=1e-5)

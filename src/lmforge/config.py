@@ -371,7 +371,8 @@ class OptimConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     fused: Optional[bool] = None
     """Use torch's fused AdamW (one kernel per tensor); None means on the CPU and CUDA. It gives the same
-    update up to rounding as the unfused form (false), which a run started with it keeps on resume."""
+    update up to rounding as the unfused form (false). A resumed run keeps the form it was started with
+    (the optimizer's saved settings), so its steps stay bit-identical."""
 
     def validate(self) -> "OptimConfig":
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")

@@ -14,8 +14,11 @@ the reordered weight, from the outside (house rule 3: the model's forward stays 
 is the same fp32 product; only the summation order inside the kernel differs (~1e-6 relative). The
 packed weight replaces the dense one (no second copy), except that a tied output head gets its own
 packed copy next to the embedding used for lookups. ``state_dict()`` still returns dense ``weight``
-tensors under the usual names, so a packed model saves and exports like any other; it does not train
-(the packed kernel has no backward), so ``unpack_linears`` turns it back when needed.
+tensors under the usual names (and ``.weight`` reads back a dense copy), so a packed model saves, exports,
+pickles and deep-copies like any other. Moved to another dtype or device (``model.to(...)``) a layer
+keeps a dense weight and runs ``F.linear``; back in fp32 on the CPU it packs again. Its weights do not
+train (the packed kernel has no backward): with gradients on, a layer still passes gradients to its
+input through a dense copy of the weight, and ``unpack_linears`` gives trainable ``nn.Linear`` layers.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def packing_available() -> bool:
@@ -37,31 +41,66 @@ def packing_available() -> bool:
         return False
 
 
+def _packable(w: torch.Tensor) -> bool:
+    return w.device.type == "cpu" and w.dtype == torch.float32
+
+
 class PackedLinear(nn.Module):
     """``nn.Linear`` for fp32 CPU inference with its weight in oneDNN's packed form."""
 
     def __init__(self, linear: nn.Linear, batch_hint: int = 1):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), batch_hint)
+        self.batch_hint = batch_hint
+        self.packed: Optional[torch.Tensor] = None
+        self.dense: Optional[torch.Tensor] = None  # used instead where the weight is not fp32 on the CPU
+        self._set_weight(linear.weight.detach())
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
+    def _set_weight(self, w: torch.Tensor) -> None:
+        if _packable(w):
+            self.packed, self.dense = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), self.batch_hint), None
+        else:
+            self.packed, self.dense = None, w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise RuntimeError("PackedLinear is for inference; call lmforge.packed.unpack_linears(model) to train")
+        if self.packed is None:
+            return F.linear(x, self.dense, self.bias)
+        if torch.is_grad_enabled() and x.requires_grad:  # the packed kernel has no backward
+            return F.linear(x, self.dense_weight(), self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def dense_weight(self) -> torch.Tensor:
-        return self.packed.to_dense()
+        return self.packed.to_dense() if self.packed is not None else self.dense
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A dense copy of the weight (writing to it does not change the layer; load a state dict)."""
+        return self.dense_weight()
 
     def to_linear(self) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        w = self.dense_weight()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
+                        dtype=w.dtype)
         with torch.no_grad():
-            lin.weight.copy_(self.dense_weight())
+            lin.weight.copy_(w)
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # the bias
+        self._set_weight(fn(self.dense_weight()))
+        return self
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["packed"], state["dense"] = None, self.dense_weight()  # opaque oneDNN tensors do not pickle
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._set_weight(self.dense)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.dense_weight()
@@ -76,7 +115,8 @@ class PackedLinear(nn.Module):
                 error_msgs.append(f"size mismatch for {prefix}weight: {tuple(w.shape)} vs "
                                   f"{(self.out_features, self.in_features)}")
                 return
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().float().contiguous(), 1)
+            current = self.dense_weight()
+            self._set_weight(w.detach().to(device=current.device, dtype=current.dtype))
         elif strict:
             missing_keys.append(prefix + "weight")
         if self.bias is not None:
@@ -85,9 +125,14 @@ class PackedLinear(nn.Module):
                     self.bias.copy_(state_dict[prefix + "bias"])
             elif strict:
                 missing_keys.append(prefix + "bias")
+        if strict:
+            known = {prefix + "weight", prefix + "bias"}
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in known
+                                   and "." not in k[len(prefix):])
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN packed fp32"
+        how = "oneDNN packed fp32" if self.packed is not None else f"dense {self.dense.dtype}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {how}"
 
 
 def _swap(model: nn.Module, kind: type, make) -> int:

@@ -91,10 +91,17 @@ def quantize_model(model: nn.Module, kind: str = "int8",
         raise UserError(f"quantize: unknown kind {kind!r} (choose from {', '.join(QUANTIZE_KINDS)})")
     if kind == "none":
         return model
+    from .packed import unpack_linears
+
+    unpack_linears(model)  # a model from LM.load holds oneDNN-packed layers: quantize their dense weights
     if next(model.parameters()).dtype != torch.float32:
         model.float()  # quantize from fp32 weights; the non-quantized parts run in fp32 too
     targets = [(name, mod) for name, mod in model.named_modules()
                if isinstance(mod, nn.Linear) and (include is None or include(name, mod))]
+    if not targets:
+        from .config import UserError
+
+        raise UserError("quantize: the model has no linear layers to quantize (is it quantized already?)")
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

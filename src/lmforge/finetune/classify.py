@@ -158,7 +158,11 @@ def finetune_classify(cfg: FinetuneConfig, log: Callable[[str], None] = print) -
     y_train, y_val = label_ids(train_ex, labels), label_ids(val_ex, labels)
     tok, max_len = base.tokenizer, base.max_len
     pad = tok.pad_id if tok.pad_id is not None else 0
-    suffix = cfg.suffix or base.ckpt_meta.get("suffix") or ""
+    saved_suffix = base.ckpt_meta.get("suffix")
+    if saved_suffix and cfg.suffix and cfg.suffix != saved_suffix:
+        raise UserError(f"checkpoint was trained with --suffix {saved_suffix!r}, this run gives {cfg.suffix!r}; "
+                        f"keep the suffix (or leave --suffix out to use the checkpoint's)")
+    suffix = cfg.suffix or saved_suffix or ""
     train_b = ClassifyBatches(encode_texts(tok, [e.text for e in train_ex], max_len, suffix), y_train, pad,
                               cfg.train.seed)
     val_b = ClassifyBatches(encode_texts(tok, [e.text for e in val_ex], max_len, suffix), y_val, pad) \

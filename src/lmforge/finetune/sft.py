@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..config import FinetuneConfig
 
 
-def sft_loss(model, batch: dict) -> torch.Tensor:
+def sft_loss_sum(model, batch: dict) -> torch.Tensor:
     """Cross-entropy summed over the batch's target tokens (labels -100 are context)."""
     logits_BTV = model(batch["x"], positions_BT=batch.get("positions"), doc_ids_BT=batch.get("doc_ids"))
     return F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["y"].flatten(), ignore_index=-100,
@@ -25,7 +25,7 @@ def sft_loss(model, batch: dict) -> torch.Tensor:
 
 
 def target_count(batch: dict) -> int:
-    """The number of target tokens of a batch (the terms ``sft_loss`` sums)."""
+    """The number of target tokens of a batch (the terms ``sft_loss_sum`` sums)."""
     return int((batch["y"] != -100).sum())
 
 
@@ -77,5 +77,5 @@ def finetune_sft(cfg: FinetuneConfig, log: Callable[[str], None] = print) -> Pat
     log(f"data: {len(examples):,} training examples ({tokens:,} tokens, {train_b.target_tokens():,} of them "
         f"targets) in {len(train_b):,} {'packed rows' if cfg.pack else 'rows'} of up to {max_len} tokens; "
         f"{len(val):,} validation examples")
-    return run_task(base, base.lm, train_b.get_batch, sft_loss, max_len, eval_batches,
+    return run_task(base, base.lm, train_b.get_batch, sft_loss_sum, max_len, eval_batches,
                     base.extra(max_len=max_len), log=log, loss_terms=target_count)

@@ -281,7 +281,10 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
             else:  # count the step's terms first; DDP then averages the gradients over the processes
                 batches = [micro_batch(m) for m in range(tcfg.grad_accum)]
                 terms = D.sum_across(float(sum(task.loss_terms(b) for b in batches)), info, device)
-                scale = info.world_size / max(terms, 1.0)
+                if terms == 0:
+                    raise UserError(f"step {step + 1} has no target tokens in any of its examples; check the "
+                                    f"data (every example needs an answer that survives --max-len)")
+                scale = info.world_size / terms
             for micro, cpu_batch in enumerate(batches):
                 batch = _to_device(cpu_batch, device)
                 with D.no_sync(model, info, last_micro=micro == tcfg.grad_accum - 1):
@@ -300,7 +303,7 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
             if task.loss_terms is None:
                 train_loss = D.mean_across(loss_sum / tcfg.grad_accum, info, device)
             else:
-                train_loss = D.sum_across(loss_sum, info, device) / max(terms, 1.0)
+                train_loss = D.sum_across(loss_sum, info, device) / terms
             if not math.isfinite(train_loss):
                 raise UserError(f"training diverged: loss is {train_loss} at step {step}; lower --optim.lr or "
                                 f"raise --optim.warmup_steps")

@@ -38,5 +38,8 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     big = 2**31 - 1
-    _done = bool(mallopt(_M_MMAP_THRESHOLD, big)) and bool(mallopt(_M_TRIM_THRESHOLD, big))
+    # glibc before 2.35 or so caps the mmap threshold at 32 MiB (HEAP_MAX_SIZE / 2 on 64-bit): fall back.
+    mmap_ok = bool(mallopt(_M_MMAP_THRESHOLD, big)) or bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20))
+    trim_ok = bool(mallopt(_M_TRIM_THRESHOLD, big))
+    _done = mmap_ok or trim_ok
     return _done
