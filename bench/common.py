@@ -43,10 +43,11 @@ def machine() -> str:
             f"{torch.get_num_threads()} torch threads, load average {load_average()}")
 
 
-def set_threads(n: int) -> int:
+def set_threads(n: int, tune_malloc: bool = True) -> int:
     """Fix torch's thread count for the whole run: ``n``, or by default every core (at most 8) on a quiet
     machine and 1 on a machine already busier than its core count (a thread team waiting at barriers
-    for descheduled members runs up to 10x slower than one thread there)."""
+    for descheduled members runs up to 10x slower than one thread there). ``tune_malloc``: apply
+    lmforge's allocator setting (below) for the whole run."""
     if not n:
         cores = os.cpu_count() or 1
         busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= cores
@@ -54,9 +55,10 @@ def set_threads(n: int) -> int:
     torch.set_num_threads(n)
     # lmforge's training loop keeps freed memory for reuse (lmforge.train.memory); it is process-wide, so
     # set it from the start: every candidate of a run then allocates under the same rules.
-    from lmforge.train.memory import keep_freed_memory
+    if tune_malloc:
+        from lmforge.train.memory import keep_freed_memory
 
-    keep_freed_memory()
+        keep_freed_memory()
     return n
 
 

@@ -89,7 +89,6 @@ def quick_char_model(steps: int = 300):
     from lmforge.config import PrepareConfig
     from lmforge.tokenizer import Tokenizer
     from lmforge.train.pretrain import pretrain
-    from lmforge.checkpoint import load_checkpoint
 
     tmp = tempfile.mkdtemp(prefix="lmforge-bench-")
     Tokenizer.train_from_iterator([DATA_TEXT.read_text(encoding="utf-8")], kind="char").save(f"{tmp}/tok")
@@ -121,6 +120,7 @@ def main(argv=None) -> dict:
 
     model, hf = build_pair(args.size)
     n_params = sum(p.numel() for p in model.parameters())
+    unpacked = build_pair(args.size)[0].eval()  # LM.load(..., pack=False): torch's default linear path
     prepare_for_inference(model)  # what LM.load does on the CPU: fp32 linear layers packed for oneDNN
     q8 = prepare_for_inference(build_pair(args.size)[0], "int8")
     V, N, P = model.cfg.vocab_size, args.new_tokens, args.prompt_tokens
@@ -148,7 +148,8 @@ def main(argv=None) -> dict:
 
     fns = {"lmforge fp32 b1": ours, "transformers generate b1": theirs,
            f"lmforge fp32 b{args.batch}": lambda: ours(key="b8", rows=prompts8),
-           "lmforge int8 b1": lambda: ours(m=q8, key="q8"), "stream": stream}
+           "lmforge int8 b1": lambda: ours(m=q8, key="q8"),
+           "lmforge fp32 b1, pack=False": lambda: ours(m=unpacked, key="plain"), "stream": stream}
     t = interleave(fns, rounds=args.rounds)
     same = outs["ours"] == outs["hf"]
     agree = sum(a == b for a, b in zip(outs["ours"][0], outs["hf"][0])) / N
@@ -160,6 +161,7 @@ def main(argv=None) -> dict:
     bound_fp32, bound_int8 = bandwidth / bytes_fp32, bandwidth / bytes_int8
     b1, hf_b1, b8, i8 = (tps["lmforge fp32 b1"], tps["transformers generate b1"], tps[f"lmforge fp32 b{args.batch}"],
                          tps["lmforge int8 b1"])
+    plain = tps["lmforge fp32 b1, pack=False"]
     print(f"machine: {machine()}; {threads} threads")
     print(f"model: GPT-2 {args.size} shape, {n_params / 1e6:.1f}M params, fp32; "
           f"prompt {P} tokens, {N} new tokens, greedy; {args.rounds} interleaved rounds (medians)")
@@ -175,8 +177,10 @@ def main(argv=None) -> dict:
          f"{b8 / b1:.2f}x", verdict(b8 / b1, 4.0)],
         ["lmforge int8 vs fp32, batch 1", f"{i8:.1f} vs {b1:.1f} tok/s", f"{i8 / b1:.2f}x", verdict(i8 / b1, 1.7)],
         ["lmforge int8 vs int8 bandwidth bound", f"{i8:.1f} vs {bound_int8:.1f} tok/s", f"{i8 / bound_int8:.0%}", "(info)"],
+        ["lmforge fp32 batch 1, packed vs pack=False", f"{b1:.1f} vs {plain:.1f} tok/s", f"{b1 / plain:.2f}x",
+         "(info)"],
     ]
-    del model, hf, q8
+    model = hf = q8 = unpacked = None  # free their memory before the perplexity part
     # Perplexity, fp32 vs int8, on a trained model.
     from lmforge.checkpoint import load_checkpoint
     from lmforge.data.shards import TokenData

@@ -163,7 +163,7 @@ def main(argv=None) -> list[list]:
     train, val = split_tokens(data, "train"), split_tokens(data, "val")
     vocab = int(max(train.max(), val.max())) + 1
     print(f"machine: {machine()}")
-    base_s, base_l, rec_s, rec_l, rec_l_own, nano = [], [], [], [], [], []
+    base_s, base_l, rec_s, rec_l, nano = [], [], [], [], []
     out = tmp / "recipe"
     for pair in range(args.pairs):
         s, m = run_baseline(train, vocab, args.baseline_steps, seed=1337 + pair)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
 
 import torch
 import torch.nn.functional as F
@@ -112,8 +113,18 @@ def run_config(name: str, rounds: int, reps: int, seed: int = 0) -> list[list]:
     def peak_fn():
         peak.append(matmul_peak_flops(n_peak, rounds=2))
 
-    t = interleave({**{k: (lambda f=f: [f() for _ in range(reps)]) for k, f in fns.items()}, "peak": peak_fn},
-                   rounds=rounds)
+    # Minor page faults (fresh pages the kernel zero-fills) per candidate, after its warm-up call.
+    faults: dict[str, list[int]] = {k: [] for k in fns}
+
+    def timed(k: str):
+        def run():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(reps):
+                fns[k]()
+            faults[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return run
+
+    t = interleave({**{k: timed(k) for k in fns}, "peak": peak_fn}, rounds=rounds)
     peak_flops = sorted(peak)[len(peak) // 2]
     rows = []
     for arch, _ in variants:
@@ -126,13 +137,14 @@ def run_config(name: str, rounds: int, reps: int, seed: int = 0) -> list[list]:
             target = ""
             if k.endswith(": lmforge"):
                 target = verdict(ratio, 1.0)
-            rows.append([f"{name} {k}", f"{sec * 1e3:.1f}", f"{tps:,.0f}", f"{mfu:.1%}", f"{ratio:.2f}x", target])
+            rows.append([f"{name} {k}", f"{sec * 1e3:.1f}", f"{tps:,.0f}", f"{mfu:.1%}",
+                         f"{sum(faults[k][1:]) / (rounds * reps):,.0f}", f"{ratio:.2f}x", target])
         if f"{arch}: transformers" in fns:
             hf_sec = t[f"{arch}: transformers"] / reps
             for k in (f"{arch}: lmforge", f"{arch}: lmforge, optim.fused=false"):
                 if k in fns:
                     r = hf_sec / (t[k] / reps)
-                    rows.append([f"{name} {k} vs transformers", "", "", "", f"{r:.2f}x", verdict(r, 1.25)])
+                    rows.append([f"{name} {k} vs transformers", "", "", "", "", f"{r:.2f}x", verdict(r, 1.25)])
     print(f"{name}: B={B} T={T}, matmul peak {peak_flops / 1e9:.1f} GFLOP/s, {rounds} rounds x {reps} steps")
     return rows
 
@@ -143,8 +155,11 @@ def main(argv=None) -> list[list]:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=0, help="steps per round (0: 10 for char, 1 for 124m)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--glibc-malloc", action="store_true",
+                    help="leave malloc at glibc's defaults for every candidate; by default the whole run gets "
+                         "the setting lmforge's training loop applies (lmforge.train.memory)")
     args = ap.parse_args(argv)
-    threads = set_threads(args.threads)
+    threads = set_threads(args.threads, tune_malloc=not args.glibc_malloc)
     print(f"machine: {machine()}")
     names = ["char", "124m"] if args.config == "both" else [args.config]
     rows = []
@@ -152,7 +167,7 @@ def main(argv=None) -> list[list]:
         reps = args.reps or (1 if n == "124m" else 10)
         rows += run_config(n, args.rounds if n != "124m" else min(args.rounds, 3), reps)
     table(f"Training step ({threads} threads; ratio = baseline s/step / candidate s/step)",
-          ["config: candidate", "ms/step", "tokens/s", "MFU", "vs reference", "target"], rows)
+          ["config: candidate", "ms/step", "tokens/s", "MFU", "page faults/step", "vs reference", "target"], rows)
     return rows
 
 

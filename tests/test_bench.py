@@ -62,3 +62,38 @@ def test_prepare_speed_bench_smoke(capsys):
     assert "MB/s per core" in out and "process tree PSS" in out
     pss = float(rows[2][1].split()[0])
     assert 10 < pss < 4096  # a real sample of the child's tree was taken
+
+
+def test_gemv_bench_smoke(capsys):
+    from bench import gemv
+    from lmforge.packed import packing_available
+
+    if not packing_available():
+        pytest.skip("no oneDNN fp32 inner product in this torch build")
+    rows = gemv.main(["--scale", "0.05", "--rounds", "1", "--rows", "1"])
+    assert len(rows) == 5 and all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+    assert "packed GB/s" in capsys.readouterr().out
+
+
+def test_classify_probe_bench_smoke(tmp_path, capsys):
+    import json
+
+    import torch
+
+    from bench import classify_probe
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.config import ModelConfig
+    from lmforge.models import build_model
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_from_iterator(["abcdefghij klmnopqrst: \n"], kind="char")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layers=1, n_heads=2, d_model=16))
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, tokenizer=tok)
+    rows = [{"text": ("abc " if i % 2 else "klm ") * 3, "label": "ab" if i % 2 else "kl"} for i in range(24)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = classify_probe.main(["--model", str(ckpt), "--data", str(tmp_path / "d.jsonl"), "--train", "16",
+                               "--test", "8", "--max-len", "16", "--suffix", ": "])
+    assert [r[0] for r in out][:2] == ["last text token", "appended EOS"]
+    assert float(out[0][1]) == 1.0  # the two classes differ at the last token: a probe separates them
+    assert "Linear probes" in capsys.readouterr().out

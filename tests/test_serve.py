@@ -455,10 +455,10 @@ def test_schemathesis_boundary_values_find_no_server_error(server, tmp_path):
 # Shutdown, timeouts (their own servers)
 
 
-def test_shutdown_finishes_in_flight_requests(plain_server):
-    """SIGTERM with a stream running: it runs to its end, then the server exits with status 0."""
-    s = plain_server
-    result = {}
+def start_long_stream(s: ServerProcess) -> tuple[threading.Thread, dict]:
+    """A client streaming a 250-token completion in a thread, returned once the server runs it; the
+    stream's data fields land in result["data"] when it ends."""
+    result: dict = {}
 
     def client():
         body = {"prompt": "Hello", "max_tokens": 250, "ignore_eos": True, "stream": True}
@@ -469,6 +469,13 @@ def test_shutdown_finishes_in_flight_requests(plain_server):
     t.start()
     while s.health()["active"] == 0 and t.is_alive():
         time.sleep(0.02)
+    return t, result
+
+
+def test_shutdown_finishes_in_flight_requests(plain_server):
+    """SIGTERM with a stream running: it runs to its end, then the server exits with status 0."""
+    s = plain_server
+    t, result = start_long_stream(s)
     rc = s.stop()
     t.join(60)
     assert rc == 0, "".join(s.lines)[-3000:]
@@ -480,17 +487,7 @@ def test_shutdown_finishes_in_flight_requests(plain_server):
 @pytest.mark.slow
 def test_shutdown_cancels_what_does_not_finish_in_time(ckpt):
     s = ServerProcess(ckpt, "--shutdown-timeout-s", "0")
-    result = {}
-
-    def client():
-        body = {"prompt": "Hello", "max_tokens": 250, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
-            result["data"] = sse_data(r)
-
-    t = threading.Thread(target=client)
-    t.start()
-    while s.health()["active"] == 0 and t.is_alive():
-        time.sleep(0.02)
+    t, result = start_long_stream(s)
     t0 = time.monotonic()
     rc = s.stop()
     t.join(60)

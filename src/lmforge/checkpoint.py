@@ -20,7 +20,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from .fsutil import fsync_dir
 from .config import ConfigError, ModelConfig, UserError, model_config_from_json, to_dict

@@ -905,7 +905,6 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
         name = f"{where}.{key}" if where else key
         if key not in known:
             raise ConfigError(f"{name}: unknown field (known: {', '.join(sorted(known))})")
-        ftype = known[key].type
         default = known[key].default_factory() if known[key].default_factory is not dataclasses.MISSING else None
         if is_dataclass(default):
             kwargs[key] = merge(default, value, where=name)
@@ -946,6 +945,16 @@ def load_yaml(path: str | Path) -> dict:
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def write_run_yaml(cfg: Any, out: str | Path) -> None:
+    """Create the run directory and record the run's config in it as run.yaml."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, out / "run.yaml")
+    except OSError as e:
+        raise UserError(f"cannot write to run directory {out}: {e.strerror}") from None
 
 
 def model_config_from_json(data: dict) -> ModelConfig:

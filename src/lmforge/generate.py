@@ -408,12 +408,10 @@ def generate_text(model, tokenizer, prompts: list[str], cfg: GenerateConfig,
     ids = [encode_prompt(tokenizer, p, add_bos) for p in prompts]
     eos = getattr(tokenizer, "eos_id", None)
     rows: Optional[list[_TextRow]] = None
-    on_token = None
+    on_token: Optional[Callable[[int, int], bool]] = None
     if cfg.stop or stream is not None:
         rows = [_TextRow(tokenizer, list(cfg.stop), stream) for _ in prompts]
-
-        def on_token(i: int, t: int) -> bool:
-            return rows[i].token(t)
+        on_token = lambda i, t: rows[i].token(t)  # noqa: E731
 
     pad = getattr(tokenizer, "pad_id", None)
     if stop_ids is None:

@@ -71,7 +71,7 @@ class LM:
 
         ``quantize="int8"``: weight-only int8 linear layers for faster CPU decoding (lmforge.quantize);
         such an LM is for inference only (it cannot be saved).
-        ``pack``: on the CPU in fp32, hold the linear layers in oneDNN's packed form, about 1.7x faster for
+        ``pack``: on the CPU in fp32, hold the linear layers in oneDNN's packed form, about 1.8x faster for
         one-token decoding steps (lmforge.packed); the LM still saves, exports and pickles as usual, but its
         linear weights do not train (``pack=False``, or ``lmforge.packed.unpack_linears``, for that)."""
         from .checkpoint import load_checkpoint

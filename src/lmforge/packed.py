@@ -2,12 +2,11 @@
 
 Decoding one token reads every weight matrix once and multiplies it by a single row: a matrix-vector
 product whose speed is set by how fast the weights stream from memory. For that shape torch's default
-fp32 path (``F.linear`` -> BLAS gemm with M = 1) runs single-threaded on this class of machine: on a
-2-core AMD EPYC (Zen 4) it streams GPT-2-sized matrices at about 13 GB/s with one thread or two, while
-oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise`` on a weight reordered once by
-``torch.ops.mkldnn._reorder_linear_weight``, the kernels inductor uses for frozen CPU graphs) uses every
-core and reaches about 25 GB/s; with 8 rows it is also 2.4x faster than ``F.linear``
-(``python -m bench.decode`` measures the end-to-end effect).
+fp32 path (``F.linear`` -> BLAS gemm with M = 1) streams GPT-2-sized matrices at about 13 GB/s on a
+2-core AMD EPYC (Zen 4), while oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise`` on a
+weight reordered once by ``torch.ops.mkldnn._reorder_linear_weight``, the kernels inductor uses for
+frozen CPU graphs) uses every core and reaches 19-27 GB/s; with 8 rows it is 1.2-2.6x faster than
+``F.linear`` (``python -m bench.gemv``; ``python -m bench.decode`` measures the end-to-end effect).
 
 ``pack_linears(model)`` swaps each ``nn.Linear`` of an inference model for a ``PackedLinear`` holding
 the reordered weight, from the outside (house rule 3: the model's forward stays plain). The arithmetic
@@ -27,6 +26,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .models import replace_module
 
 
 def packing_available() -> bool:
@@ -138,9 +139,7 @@ class PackedLinear(nn.Module):
 def _swap(model: nn.Module, kind: type, make) -> int:
     targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is kind]
     for name, mod in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make(mod))
+        replace_module(model, name, make(mod))
     return len(targets)
 
 

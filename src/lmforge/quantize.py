@@ -27,6 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import UserError
+from .models import replace_module
+
 QUANTIZE_KINDS = ("none", "int8")
 
 
@@ -86,8 +89,6 @@ def quantize_model(model: nn.Module, kind: str = "int8",
     include(name, linear): which layers to quantize; default all of them, the output head included.
     """
     if kind not in QUANTIZE_KINDS:
-        from .config import UserError
-
         raise UserError(f"quantize: unknown kind {kind!r} (choose from {', '.join(QUANTIZE_KINDS)})")
     if kind == "none":
         return model
@@ -99,13 +100,9 @@ def quantize_model(model: nn.Module, kind: str = "int8",
     targets = [(name, mod) for name, mod in model.named_modules()
                if isinstance(mod, nn.Linear) and (include is None or include(name, mod))]
     if not targets:
-        from .config import UserError
-
         raise UserError("quantize: the model has no linear layers to quantize (is it quantized already?)")
     for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_linear(linear))
+        replace_module(model, name, QuantLinear.from_linear(linear))
     model.eval()
     model.quantized = kind  # noqa: B010  (marks the model: inference only, not saveable)
     return model

@@ -91,12 +91,7 @@ def evaluate(cfg: EvaluateConfig, log: Callable[[str], None] = print, progress: 
 
         result = evaluate_seq2seq(cfg.model, cfg.data, cfg.task, max_examples=cfg.max_examples,
                                   batch_size=cfg.batch_size, device=cfg.device, progress=progress)
-        result = {"model": str(cfg.model), "data": str(cfg.data), **result}
-        log(format_text_scores(result))
-        if cfg.out:
-            write_json(cfg.out, result)
-            log(f"results written to {cfg.out}")
-        return result
+        return _report(cfg, result, format_text_scores, log)
     if cfg.task == "classify":
         from ..finetune.classify import load_classifier, predict
         from ..finetune.data import label_ids, read_labeled
@@ -129,8 +124,13 @@ def evaluate(cfg: EvaluateConfig, log: Callable[[str], None] = print, progress: 
                       "samples": [{"prompt": e.get("question") or e["messages"][-1]["content"], "answer": o.text,
                                    "reference": e["answers"][0], "finish_reason": o.finish_reason}
                                   for e, o in list(zip(examples, outs))[:20]]}
+    return _report(cfg, result, format_results, log)
+
+
+def _report(cfg: EvaluateConfig, result: dict, fmt: Callable[[dict], str], log: Callable[[str], None]) -> dict:
+    """Name the model and data in the results, print their table, and write them to cfg.out if given."""
     result = {"model": str(cfg.model), "data": str(cfg.data), **result}
-    log(format_results(result))
+    log(fmt(result))
     if cfg.out:
         write_json(cfg.out, result)
         log(f"results written to {cfg.out}")

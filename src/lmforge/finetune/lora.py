@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..config import LoraConfig, UserError
+from ..models import replace_module
 
 
 class LoRALinear(nn.Module):
@@ -87,12 +88,6 @@ def _target_names(model: nn.Module, targets: list[str], last_blocks: int = 0) ->
     return names
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Freeze every parameter of ``model`` and swap the target linear layers for LoRA wrappers (in
     place). Returns the names of the adapted layers."""
@@ -110,7 +105,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     if not names:
         raise UserError(f"lora.targets: no linear layer of this model is named {', '.join(targets)}")
     for name in names:
-        _set_module(model, name, LoRALinear(model.get_submodule(name), cfg.rank, cfg.alpha, cfg.dropout))
+        replace_module(model, name, LoRALinear(model.get_submodule(name), cfg.rank, cfg.alpha, cfg.dropout))
     return names
 
 
@@ -153,7 +148,7 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], where: 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRA wrapper by a plain linear layer holding W + scaling * B A (in place)."""
     for name, m in list(lora_layers(model).items()):
-        _set_module(model, name, m.merged())
+        replace_module(model, name, m.merged())
     return model
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..checkpoint import ADAPTER_FILE, clean_state_dict, load_checkpoint, read_config, resolve, unwrap
-from ..config import FinetuneConfig, UserError, dump_yaml
+from ..config import FinetuneConfig, UserError, write_run_yaml
 from .lora import adapter_state_dict, apply_lora, load_adapter_state, lora_meta, trainable_parameters
 
 
@@ -136,15 +136,6 @@ class Base:
             "full fine-tuning"
         log(f"model: {n_total / 1e6:.2f}M parameters, {how}: {n_train:,} trainable ({100 * n_train / n_total:.2f}%)")
 
-    def write_run_yaml(self) -> None:
-        if not self.info.is_main:
-            return
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            dump_yaml(self.cfg, self.out / "run.yaml")
-        except OSError as e:
-            raise UserError(f"cannot write to run directory {self.out}: {e.strerror}") from None
-
 
 def run_task(base: Base, model: nn.Module, get_batch, loss_fn, tokens_per_sample: int, eval_batches,
              extra: dict, head: Optional[tuple[str, nn.Module]] = None, log: Callable[[str], None] = print,
@@ -153,7 +144,8 @@ def run_task(base: Base, model: nn.Module, get_batch, loss_fn, tokens_per_sample
     from ..train.loop import TrainTask, train
 
     cfg = base.cfg
-    base.write_run_yaml()
+    if base.info.is_main:
+        write_run_yaml(cfg, base.out)
     task = TrainTask(model=model, get_batch=get_batch, loss_fn=loss_fn, tokens_per_sample=tokens_per_sample,
                      eval_batches=eval_batches, tokenizer=base.tokenizer, extra_config=extra,
                      trainable=base.state_fn(head), weights_file=ADAPTER_FILE if cfg.lora.rank else "model.safetensors",

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import Seq2SeqFinetuneConfig, Seq2SeqGenerateConfig, UserError, dump_yaml
+from ..config import Seq2SeqFinetuneConfig, Seq2SeqGenerateConfig, UserError, write_run_yaml
 
 SRC_TOKENIZER_DIR = "src_tokenizer"
 
@@ -265,11 +265,7 @@ def finetune_seq2seq(cfg: Seq2SeqFinetuneConfig, log: Callable[[str], None] = pr
     sampler = PairSampler(len(train_data), cfg.train.seed)
 
     if info.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            dump_yaml(cfg, out / "run.yaml")
-        except OSError as e:
-            raise UserError(f"cannot write to run directory {out}: {e.strerror}") from None
+        write_run_yaml(cfg, out)
 
     def get_batch(indices: list[int]) -> dict:
         return train_data.batch([sampler(g) for g in indices])

@@ -13,7 +13,6 @@ stopped (on the same device and precision).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -224,7 +223,7 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
 
     def save(at_step: int, final: bool = False) -> Path:
         """Every rank calls this; only rank 0 writes files (FSDP shards are written by all ranks)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
         # Interrupted inside a step, the RNG has moved on; store the state the next step must start from.
         rng = rng_at_step_start if rng_at_step_start is not None else rng_state()
@@ -275,22 +274,22 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
                 trace.write(step=step + 1, micro=micro, indices=indices)
                 return task.get_batch(indices)
 
-            if task.loss_terms is None:
+            if task.loss_terms is None:  # mean losses: average over the micro-batches
                 batches = (micro_batch(m) for m in range(tcfg.grad_accum))
-                scale = 1.0 / tcfg.grad_accum
-            else:  # count the step's terms first; DDP then averages the gradients over the processes
+                divisor = tcfg.grad_accum
+            else:  # summed losses: count the step's terms first; DDP then averages over the processes
                 batches = [micro_batch(m) for m in range(tcfg.grad_accum)]
                 terms = D.sum_across(float(sum(task.loss_terms(b) for b in batches)), info, device)
                 if terms == 0:
                     raise UserError(f"step {step + 1} has no target tokens in any of its examples; check the "
                                     f"data (every example needs an answer that survives --max-len)")
-                scale = info.world_size / terms
+                divisor = terms / info.world_size
             for micro, cpu_batch in enumerate(batches):
                 batch = _to_device(cpu_batch, device)
                 with D.no_sync(model, info, last_micro=micro == tcfg.grad_accum - 1):
                     with autocast(device, dtype):
                         loss = task.loss_fn(fwd_model, batch)
-                    (loss / tcfg.grad_accum if task.loss_terms is None else loss * scale).backward()
+                    (loss / divisor).backward()
                 micro_losses.append(loss.detach().float())
             grad_norm = None
             if ocfg.grad_clip > 0:

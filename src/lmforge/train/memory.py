@@ -3,10 +3,10 @@
 A training step frees and re-allocates the same large buffers every step (activations, gradients with
 ``zero_grad(set_to_none=True)``, the logits). glibc's malloc serves blocks above a threshold (128 KiB to
 32 MiB, adapting) with fresh ``mmap`` calls and gives them back with ``munmap``, so every step touches
-its memory anew and the kernel zero-fills each page on first touch: for GPT-2 124M at batch 4 x 128
-that is about 190,000 page faults and a third of a CPU-second of system time per step. Raising the
-mmap and trim thresholds makes malloc keep freed memory in the heap and hand it out again, which
-removes them (about 9,000 faults, 7% faster steps: ``python -m bench.train_step --config 124m``).
+its memory anew and the kernel zero-fills each page on first touch: for GPT-2 124M at batch 4 x 128,
+about 214,000 page faults per step in lmforge's step. Raising the mmap and trim thresholds makes malloc
+keep freed memory in the heap and hand it out again, which removes them (0 per step; compare
+``python -m bench.train_step --config 124m`` with and without ``--glibc-malloc``).
 The cost: the process keeps its peak memory until it exits, which a training process does anyway.
 
 Set LMFORGE_MALLOC_TUNE=0 to leave malloc alone (or use another allocator through LD_PRELOAD).

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..checkpoint import load_checkpoint, read_config, unwrap
-from ..config import PretrainConfig, UserError, dump_yaml, to_dict
+from ..config import PretrainConfig, UserError, to_dict, write_run_yaml
 from .loop import TrainTask, load_resume_state, train
 
 
@@ -103,11 +103,7 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> Path:
         model = build_model(mcfg)
 
     if info.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            dump_yaml(cfg, out / "run.yaml")
-        except OSError as e:
-            raise UserError(f"cannot write to run directory {out}: {e.strerror}") from None
+        write_run_yaml(cfg, out)
 
     sampler = BlockSampler(len(train_tokens), block, cfg.train.seed)
     val_batches = None
