@@ -92,6 +92,64 @@ def test_char_fast_path_matches_tokenizers_pipeline(char):
         assert char.encode(t) == pipeline, t
 
 
+def test_bpe_unit_cache_gives_the_pipelines_ids(shakespeare_text):
+    # Random strings over characters that stress the pre-tokenizer (every kind of whitespace, U+001C which
+    # Python calls whitespace and the tokenizers regex does not, contractions, digits, non-ASCII letters),
+    # with a vocabulary trained on such strings so that merges cross all of them.
+    import random
+
+    rng = random.Random(0)
+    alphabet = list(" \n\t\r\x0b\x0c\x85\xa0\u2003\u3000\x1c\x1f'sdtlmvreA1!.,-é中😀") + ["  ", "'s", "'ll", " the", "!\x1c.", "\u3000 "]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(3000)]
+    tok = Tokenizer.train_from_iterator(texts, kind="bpe", vocab_size=700)
+    assert tok._unit_encoder() is not None
+    texts += [MIXED, "special <|endoftext|> inside", "<|im_start|>user\nhi<|im_end|>", "lone \ud800 surrogate",
+              shakespeare_text[:20_000], "", " ", "x"]
+    fast = [a.tolist() for a in tok._encode_arrays(texts)]  # one batch: units shared across texts
+    again = [a.tolist() for a in tok._encode_arrays(texts[::-1])][::-1]  # now from the cache
+    pipeline = [e.ids for e in tok._tok.encode_batch([t.replace("\ud800", "\ufffd") for t in texts],
+                                                      add_special_tokens=False)]
+    assert fast == pipeline and again == pipeline
+    tok._units.max_units = 50  # a full cache is cleared and refilled
+    assert [a.tolist() for a in tok._encode_arrays(texts)] == pipeline
+
+
+def test_unit_split_whitespace_is_the_pre_tokenizers_for_every_code_point():
+    import re
+
+    from tokenizers import pre_tokenizers
+
+    from lmforge.tokenizer import _WS
+
+    # In "a" c c "a" the second c starts a piece of the GPT-2 regex exactly when c is whitespace to it
+    # (letters join the a's, other symbols and digits make one "cc" piece).
+    cps = [c for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    pieces = pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str("".join(f"a{chr(c) * 2}a" for c in cps))
+    starts = {start for _, (start, _) in pieces}
+    library = {c for i, c in enumerate(cps) if 4 * i + 2 in starts}
+    ours = {c for c in cps if re.fullmatch(f"[{_WS}]", chr(c))}
+    assert library == ours and ord(" ") in ours and 0x1C not in ours
+
+
+def test_unit_cache_is_off_where_units_would_change_the_ids(bpe):
+    from tokenizers import Tokenizer as HFTokenizer, normalizers, pre_tokenizers
+
+    assert bpe._unit_encoder() is not None
+    data = json.loads(bpe._tok.to_str())
+    for change in ("prefix", "normalizer", "sequence"):
+        tok = HFTokenizer.from_str(json.dumps(data))
+        if change == "prefix":
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        elif change == "normalizer":
+            tok.normalizer = normalizers.Lowercase()
+        else:
+            tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                         pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        other = Tokenizer(tok)
+        assert other._unit_encoder() is None, change
+        assert other.encode(MIXED + " 12345") == tok.encode(MIXED + " 12345", add_special_tokens=False).ids
+
+
 def test_pickle_roundtrip(bpe):
     again = pickle.loads(pickle.dumps(bpe))
     assert again.hash == bpe.hash and again.encode(MIXED) == bpe.encode(MIXED)

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import re
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
@@ -60,6 +61,13 @@ _GUESSES = {
 _TURN_END_TOKENS = (IM_END_TOKEN, "<|eot_id|>", "<end_of_turn>", "<|end|>")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
+# Whitespace as ``\s`` matches it in the GPT-2 pre-tokenizer regex that ``tokenizers`` runs (Oniguruma,
+# Unicode): tab to carriage return, NEL and the Zs/Zl/Zp categories. Not Python's ``\s`` (which adds
+# U+001C..U+001F). tests/test_tokenizer.py checks this set against the library for every code point.
+_WS = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# A "unit": a whitespace run and the non-whitespace run after it (or trailing whitespace).
+_UNIT = re.compile(f"[{_WS}]*[^{_WS}]+|[{_WS}]+")
+
 
 def _token_content(value: Any) -> Optional[str]:
     """A special token in tokenizer_config.json is a string, a dict {"content": ...} or null."""
@@ -103,6 +111,7 @@ class Tokenizer:
         self._hash: Optional[str] = None
         self._vocab_size: Optional[int] = None
         self._char_table: Optional[tuple] = None  # (sorted code points, ids, unk id, added strings)
+        self._units: Any = None  # _UnitEncoder, False when this tokenizer can't use one, None: not decided
 
     # ----------------------------------------------------------------------------------------------
     # Training
@@ -317,7 +326,26 @@ class Tokenizer:
                 it = iter(self._encode_hf(slow))
                 fast = [next(it) if a is None else a for a in fast]
             return fast
+        units = self._unit_encoder()
+        if units:
+            fast = units.encode(texts)
+            slow = [t for t, a in zip(texts, fast) if a is None]
+            if slow:
+                it = iter(self._encode_hf(slow))
+                fast = [next(it) if a is None else a for a in fast]
+            return fast
         return self._encode_hf(texts)
+
+    def _unit_encoder(self) -> "Optional[_UnitEncoder]":
+        if self._units is None:
+            data = self._json()
+            pre, model = data.get("pre_tokenizer") or {}, data.get("model") or {}
+            plain_byte_level = (data.get("normalizer") is None and pre.get("type") == "ByteLevel"
+                                and not pre.get("add_prefix_space") and pre.get("use_regex", True)
+                                and model.get("type") == "BPE" and model.get("dropout") is None)
+            added = [t["content"] for t in data.get("added_tokens") or []]
+            self._units = _UnitEncoder(self._tok, added) if plain_byte_level and all(added) else False
+        return self._units or None
 
     def _encode_hf(self, texts: list[str]) -> list[np.ndarray]:
         # encode_batch_fast (tokenizers >= 0.21) skips computing offsets, which we never use.
@@ -376,6 +404,61 @@ class Tokenizer:
 
 # --------------------------------------------------------------------------------------------------
 # Training helpers
+
+
+class _UnitEncoder:
+    """Byte-level BPE a whole whitespace-delimited unit at a time, each unit's ids cached.
+
+    The GPT-2 pre-tokenizer regex has no look-behind, and no piece it makes holds whitespace after a
+    non-whitespace character, so the text always splits between a non-whitespace character and the
+    whitespace after it, and what follows such a point tokenizes as it would on its own. A text is
+    therefore the concatenation of its units' ids (``_UNIT``). Natural text repeats a small set of units
+    (" the", " said,", "\\n\\nThe"), so most units are a dict lookup; the rest are encoded by ``tokenizers``
+    in one call per batch, as a pre-tokenized sequence whose word ids say which tokens belong to which
+    unit. Texts holding an added token's string return None (the full pipeline matches those first).
+    The cache is cleared when it reaches ``max_units`` entries (about 150 bytes each).
+    """
+
+    def __init__(self, tok: "HFTokenizer", added: list[str], max_units: int = 1 << 19):
+        self._tok = tok
+        self._added = added
+        self._cache: dict[str, bytes] = {}
+        self._lock = threading.Lock()  # serve and chat may encode from several threads
+        self.max_units = max_units
+
+    def encode(self, texts: list[str]) -> list[Optional[np.ndarray]]:
+        split = [None if any(a in t for a in self._added) else _UNIT.findall(t) for t in texts]
+        with self._lock:
+            try:
+                self._learn_new(split)
+            except TypeError:  # lone surrogates, which the library refuses: leave those texts to the caller
+                split = [None if u is None or _LONE_SURROGATE.search(t) else u for t, u in zip(texts, split)]
+                self._learn_new(split)
+            get = self._cache.__getitem__
+            return [None if u is None else np.frombuffer(b"".join(map(get, u)), dtype=np.int32).astype(np.int64)
+                    for u in split]
+
+    def _learn_new(self, split: list[Optional[list[str]]]) -> None:
+        seen = set().union(*(u for u in split if u is not None))
+        new = seen.difference(self._cache)
+        if new and len(self._cache) + len(new) > self.max_units:
+            self._cache.clear()
+            new = seen
+        if new:
+            self._learn(list(new))
+
+    def _learn(self, units: list[str]) -> None:
+        enc = self._tok.encode_batch([units], is_pretokenized=True, add_special_tokens=False)[0]
+        ids = np.asarray(enc.ids, dtype=np.int32)
+        words = enc.word_ids
+        if len(words) == len(ids) and None not in words:
+            cuts = np.searchsorted(np.asarray(words, dtype=np.int64), np.arange(len(units) + 1))
+            if cuts[-1] == len(ids) and (np.diff(cuts) > 0).all():
+                for k, u in enumerate(units):
+                    self._cache[u] = ids[cuts[k]:cuts[k + 1]].tobytes()
+                return
+        for u, e in zip(units, self._tok.encode_batch(units, add_special_tokens=False)):  # pragma: no cover
+            self._cache[u] = np.asarray(e.ids, dtype=np.int32).tobytes()
 
 
 class _Feed:
