@@ -64,6 +64,17 @@ def test_prepare_speed_bench_smoke(capsys):
     assert 10 < pss < 4096  # a real sample of the child's tree was taken
 
 
+def test_prepare_speed_bench_on_a_text_file(tmp_path, shakespeare_text, capsys):
+    pytest.importorskip("psutil")
+    from bench import prepare_speed
+
+    corpus = tmp_path / "plays.txt"
+    corpus.write_text(shakespeare_text[:400_000], encoding="utf-8")
+    rows = prepare_speed.main(["--corpus", str(corpus), "--vocab", "300"])
+    assert "plays.txt" in capsys.readouterr().out
+    assert float(rows[4][1]) > 0 and float(rows[5][1]) > 0 and rows[5][2].startswith("lmforge ")
+
+
 def test_gemv_bench_smoke(capsys):
     from bench import gemv
     from lmforge.packed import packing_available

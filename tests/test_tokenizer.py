@@ -103,6 +103,7 @@ def test_bpe_unit_cache_gives_the_pipelines_ids(shakespeare_text):
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))) for _ in range(3000)]
     tok = Tokenizer.train_from_iterator(texts, kind="bpe", vocab_size=700)
     assert tok._unit_encoder() is not None
+    tok._units.MAX_NEW = 1.0  # these strings rarely repeat a unit: keep the cache on anyway
     texts += [MIXED, "special <|endoftext|> inside", "<|im_start|>user\nhi<|im_end|>", "lone \ud800 surrogate",
               shakespeare_text[:20_000], "", " ", "x"]
     fast = [a.tolist() for a in tok._encode_arrays(texts)]  # one batch: units shared across texts
@@ -112,6 +113,25 @@ def test_bpe_unit_cache_gives_the_pipelines_ids(shakespeare_text):
     assert fast == pipeline and again == pipeline
     tok._units.max_units = 50  # a full cache is cleared and refilled
     assert [a.tolist() for a in tok._encode_arrays(texts)] == pipeline
+
+
+def test_unit_cache_steps_aside_for_text_that_does_not_repeat(bpe):
+    import random
+
+    rng = random.Random(1)
+    words = lambda n: " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(8)) for _ in range(n))
+    units = bpe._unit_encoder()
+    units._skip, units._cache = 0, {}
+    texts = [words(200) for _ in range(4)]
+    pipeline = [e.ids for e in bpe._tok.encode_batch(texts, add_special_tokens=False)]
+    assert [a.tolist() for a in bpe._encode_arrays(texts)] == pipeline
+    assert units._skip == units.SKIP_CALLS  # every unit was new
+    cached = len(units._cache)
+    for _ in range(units.SKIP_CALLS):
+        assert [a.tolist() for a in bpe._encode_arrays(texts[::-1])] == pipeline[::-1]
+    assert units._skip == 0 and len(units._cache) == cached  # the plain pipeline did those
+    bpe._encode_arrays(texts)  # a look again: every unit is cached now
+    assert units._skip == 0
 
 
 def test_unit_split_whitespace_is_the_pre_tokenizers_for_every_code_point():

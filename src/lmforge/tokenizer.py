@@ -67,6 +67,7 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _WS = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 # A "unit": a whitespace run and the non-whitespace run after it (or trailing whitespace).
 _UNIT = re.compile(f"[{_WS}]*[^{_WS}]+|[{_WS}]+")
+_WS_CHARS = frozenset(c for c in map(chr, range(0x3001)) if re.fullmatch(f"[{_WS}]", c))  # U+3000 is the last
 
 
 def _token_content(value: Any) -> Optional[str]:
@@ -419,26 +420,41 @@ class _UnitEncoder:
     The cache is cleared when it reaches ``max_units`` entries (about 150 bytes each).
     """
 
-    def __init__(self, tok: "HFTokenizer", added: list[str], max_units: int = 1 << 19):
+    JOIN_CHARS = 32 << 10
+    # Above this many new units per unit in a batch (text with few repeats, like random strings or hashes)
+    # the cache costs more than it saves: the next SKIP_CALLS calls go to the plain pipeline, then it looks
+    # again. Break-even measured at about 0.4 (new units cost ~1.4x, hits ~0.45x the pipeline per unit).
+    MAX_NEW = 0.3
+    SKIP_CALLS = 8
+
+    def __init__(self, tok: "HFTokenizer", added: list[str], max_units: int = 1 << 18):
         self._tok = tok
         self._added = added
         self._cache: dict[str, bytes] = {}
         self._lock = threading.Lock()  # serve and chat may encode from several threads
+        self._token_bytes: Optional[np.ndarray] = None  # bytes in each token
+        self._skip = 0
         self.max_units = max_units
 
     def encode(self, texts: list[str]) -> list[Optional[np.ndarray]]:
+        if self._skip:  # text that barely repeats: the plain pipeline is faster (see MAX_NEW)
+            self._skip -= 1
+            return [None] * len(texts)
         split = [None if any(a in t for a in self._added) else _UNIT.findall(t) for t in texts]
         with self._lock:
             try:
-                self._learn_new(split)
+                new = self._learn_new(split)
             except TypeError:  # lone surrogates, which the library refuses: leave those texts to the caller
                 split = [None if u is None or _LONE_SURROGATE.search(t) else u for t, u in zip(texts, split)]
-                self._learn_new(split)
+                new = self._learn_new(split)
             get = self._cache.__getitem__
-            return [None if u is None else np.frombuffer(b"".join(map(get, u)), dtype=np.int32).astype(np.int64)
-                    for u in split]
+            out = [None if u is None else np.frombuffer(b"".join(map(get, u)), dtype=np.int32).astype(np.int64)
+                   for u in split]
+        if new > self.MAX_NEW * sum(len(u) for u in split if u is not None):
+            self._skip = self.SKIP_CALLS
+        return out
 
-    def _learn_new(self, split: list[Optional[list[str]]]) -> None:
+    def _learn_new(self, split: list[Optional[list[str]]]) -> int:
         seen = set().union(*(u for u in split if u is not None))
         new = seen.difference(self._cache)
         if new and len(self._cache) + len(new) > self.max_units:
@@ -446,19 +462,53 @@ class _UnitEncoder:
             new = seen
         if new:
             self._learn(list(new))
+        return len(new)
 
     def _learn(self, units: list[str]) -> None:
-        enc = self._tok.encode_batch([units], is_pretokenized=True, add_special_tokens=False)[0]
-        ids = np.asarray(enc.ids, dtype=np.int32)
-        words = enc.word_ids
-        if len(words) == len(ids) and None not in words:
-            cuts = np.searchsorted(np.asarray(words, dtype=np.int64), np.arange(len(units) + 1))
-            if cuts[-1] == len(ids) and (np.diff(cuts) > 0).all():
-                for k, u in enumerate(units):
-                    self._cache[u] = ids[cuts[k]:cuts[k + 1]].tobytes()
-                return
-        for u, e in zip(units, self._tok.encode_batch(units, add_special_tokens=False)):  # pragma: no cover
+        # A unit that starts with whitespace ends with non-whitespace, so any number of such units joined
+        # tokenize as each alone: encode them joined into texts of about JOIN_CHARS (one text per unit costs
+        # several times more; one huge text makes the library hold ~150 bytes per character) and cut the
+        # ids where each unit's bytes end. The few others (a text's first unit, trailing whitespace) go alone.
+        joinable = [u for u in units if u[0] in _WS_CHARS and u[-1] not in _WS_CHARS]
+        rest = [u for u in units if not (u[0] in _WS_CHARS and u[-1] not in _WS_CHARS)]
+        groups: list[list[str]] = [[]]
+        size = 0
+        for u in joinable:
+            if size >= self.JOIN_CHARS:
+                groups.append([])
+                size = 0
+            groups[-1].append(u)
+            size += len(u)
+        groups = [g for g in groups if g]
+        texts = ["".join(g) for g in groups]
+        if any(a in t for t in texts for a in self._added):  # a join made an added token's string
+            groups, texts, rest = [], [], units
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        encodings = encode(texts + rest, add_special_tokens=False) if texts or rest else []
+        for g, e in zip(groups, encodings):
+            if not self._store_joined(g, np.asarray(e.ids, dtype=np.int64)):
+                rest += g  # a token crossed a unit boundary, which the regex rules out: trust none of it
+                encodings += encode(g, add_special_tokens=False)
+        for u, e in zip(rest, encodings[len(groups):]):
             self._cache[u] = np.asarray(e.ids, dtype=np.int32).tobytes()
+
+    def _store_joined(self, units: list[str], ids: np.ndarray) -> bool:
+        if self._token_bytes is None:
+            lengths = np.zeros(self._tok.get_vocab_size(with_added_tokens=True), dtype=np.int64)
+            for t, i in self._tok.get_vocab(with_added_tokens=False).items():
+                lengths[i] = len(t)  # byte-level: one symbol per byte
+            self._token_bytes = lengths
+        ends = np.cumsum(self._token_bytes[ids])
+        unit_ends = np.cumsum([len(u.encode("utf-8")) for u in units])
+        last = np.searchsorted(ends, unit_ends)  # the token that ends each unit
+        if len(ids) == 0 or last[-1] >= len(ids) or not np.array_equal(ends[last], unit_ends):
+            return False
+        blob = ids.astype(np.int32).tobytes()
+        first = 0
+        for u, stop in zip(units, (last * 4 + 4).tolist()):
+            self._cache[u] = blob[first:stop]
+            first = stop
+        return True
 
 
 class _Feed:
