@@ -1,6 +1,8 @@
-"""Why lmforge packs fp32 linear layers for CPU decoding: the streaming rate of one-row (and eight-row)
+"""Why lmforge lays out fp32 linear layers for CPU decoding: the streaming rate of one-row (and eight-row)
 products with GPT-2-124M's matrices, torch's default ``F.linear`` against oneDNN's packed inner product
-(``lmforge.packed.PackedLinear``), next to the read bandwidth measured in the same run.
+(``lmforge.packed.PackedLinear``, the fallback) and lmforge's own kernel on weights in huge pages
+(``lmforge.packed.StreamLinear``, the default where it builds), next to the read bandwidth measured in the
+same run.
 
     python -m bench.gemv [--threads N] [--rounds 5] [--rows 1 8]
 
@@ -26,7 +28,8 @@ def main(argv=None) -> list[list]:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--scale", type=float, default=1.0, help="shrink the shapes (smoke tests)")
     args = ap.parse_args(argv)
-    from lmforge.packed import PackedLinear, packing_available
+    from lmforge.kernels import kernel_available
+    from lmforge.packed import PackedLinear, StreamLinear, pack_linears, packing_available
 
     threads = set_threads(args.threads)
     print(f"machine: {machine()}")
@@ -40,6 +43,11 @@ def main(argv=None) -> list[list]:
         count = 1 if name == "head" else 12
         plain = [nn.Linear(k, n, bias=False).eval() for _ in range(count)]
         packed = [PackedLinear(m) for m in plain]
+        stream = nn.ModuleList([nn.Linear(k, n, bias=False) for _ in range(count)])
+        if kernel_available():
+            stream.load_state_dict(nn.ModuleList(plain).state_dict())
+            pack_linears(stream)  # StreamLinear, weights moved into huge pages
+            assert all(type(m) is StreamLinear for m in stream)
         nbytes = count * n * k * 4
         for rows in args.rows:
             x = torch.randn(rows, k)
@@ -49,12 +57,17 @@ def main(argv=None) -> list[list]:
                     for m in layers:
                         m(x)
 
-            t = interleave({"F.linear": lambda: run(plain), "packed": lambda: run(packed)}, rounds=args.rounds)
+            fns = {"F.linear": lambda: run(plain), "packed": lambda: run(packed)}
+            if kernel_available():
+                fns["kernel"] = lambda: run(stream)
+            t = interleave(fns, rounds=args.rounds)
             a, b = nbytes / t["F.linear"] / 1e9, nbytes / t["packed"] / 1e9
+            c = nbytes / t["kernel"] / 1e9 if "kernel" in t else float("nan")
             rows_out.append([f"{name} {n}x{k}" + ("" if count == 1 else f" (x{count})"), rows, f"{a:.1f}",
-                             f"{b:.1f}", f"{b / a:.2f}x"])
+                             f"{b:.1f}", f"{c:.1f}", f"{c / a:.2f}x"])
     table(f"Linear layers, fp32, {threads} threads; read bandwidth {bandwidth / 1e9:.1f} GB/s (sum over "
-          f"{max(8, int(512 * args.scale))} MB)", ["matrix", "rows", "F.linear GB/s", "packed GB/s", "packed / F.linear"],
+          f"{max(8, int(512 * args.scale))} MB)",
+          ["matrix", "rows", "F.linear GB/s", "oneDNN packed GB/s", "lmforge kernel GB/s", "kernel / F.linear"],
           rows_out)
     return rows_out
 

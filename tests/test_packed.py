@@ -1,19 +1,36 @@
-"""oneDNN-packed fp32 linear layers for CPU inference (lmforge.packed): same outputs as nn.Linear, same
-state_dict, and LM.load uses them on the CPU without changing what saves or exports."""
+"""fp32 linear layers laid out for CPU inference (lmforge.packed: lmforge's streaming kernel, or oneDNN's
+packed form): same outputs as nn.Linear, same state_dict, and LM.load uses them on the CPU without changing
+what saves or exports."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from lmforge.checkpoint import save_checkpoint
 from lmforge.config import ModelConfig, UserError
 from lmforge.models import build_model
-from lmforge.packed import PackedLinear, is_packed, pack_linears, packing_available, unpack_linears
+from lmforge import kernels
+from lmforge.packed import PackedLinear, StreamLinear, is_packed, pack_linears, packing_available, unpack_linears
 from lmforge.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN fp32 linear")
+
+
+needs_kernel = pytest.mark.skipif(not kernels.kernel_available(), reason="lmforge's CPU kernel could not be built")
+
+
+@pytest.fixture(params=["stream", "onednn"])
+def layout(request, monkeypatch):
+    """Run a test with lmforge's kernel (StreamLinear) and with oneDNN's packed form (PackedLinear)."""
+    if request.param == "stream":
+        if not kernels.kernel_available():
+            pytest.skip("lmforge's CPU kernel could not be built")
+        return StreamLinear
+    monkeypatch.setattr("lmforge.packed.kernel_available", lambda: False)
+    return PackedLinear
 
 
 def _model(tie: bool = True, bias: bool = True):
@@ -74,16 +91,78 @@ def test_packed_linear_copies_pickles_and_changes_dtype():
         packed.load_state_dict({**lin.state_dict(), "extra": torch.zeros(1)})
 
 
+@needs_kernel
+@pytest.mark.parametrize("bias", [True, False])
+def test_stream_linear_matches_f_linear_for_every_shape(bias):
+    torch.manual_seed(2)
+    for n, k in ((40, 48), (37, 50), (9, 33), (100, 16), (8, 3)):
+        w = torch.randn(n, k)
+        b = torch.randn(n) if bias else None
+        for rows in (1, 2, 3, 4, 5, 8, 15, 16, 17, 40):
+            x = torch.randn(rows, k)
+            torch.testing.assert_close(kernels.stream_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        x3 = torch.randn(2, 3, k)  # leading dimensions are kept
+        torch.testing.assert_close(kernels.stream_linear(x3, w, b), F.linear(x3, w, b), rtol=1e-5, atol=1e-5)
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        scale = torch.rand(n) / 50
+        for rows in (1, 3, 8, 11, 16):
+            x = torch.randn(rows, k)
+            torch.testing.assert_close(kernels.stream_linear_int8(x, q, scale, b),
+                                       F.linear(x, q.float() * scale[:, None], b), rtol=1e-5, atol=1e-5)
+        assert kernels.stream_linear_int8(torch.randn(17, k), q, scale, b) is None  # not a decoding step
+    w, b = torch.randn(5, 16), (torch.randn(5) if bias else None)
+    x = torch.randn(1, 16, requires_grad=True)  # autograd goes through F.linear
+    kernels.stream_linear(x, w, b).sum().backward()
+    assert x.grad is not None and torch.allclose(x.grad, w.sum(0).expand(1, 16))
+
+
+def test_kernel_builds_where_there_is_a_compiler():
+    import platform
+    import shutil
+
+    if platform.system() == "Linux" and platform.machine() == "x86_64" and shutil.which("gcc"):
+        assert kernels.kernel_available()  # a kernel that failed its check against F.linear would be off
+
+
+def test_kernel_is_off_without_a_compiler_or_when_turned_off(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setenv("LMFORGE_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")  # a compiler that fails
+    assert kernels.load_kernel() is None and list(tmp_path.iterdir()) == []  # no half-written library left
+    x, w = torch.randn(1, 8), torch.randn(4, 8)
+    torch.testing.assert_close(kernels.stream_linear(x, w), F.linear(x, w))  # torch's kernel instead
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("LMFORGE_CPU_KERNELS", "0")
+    assert kernels.load_kernel() is None
+
+
+def test_hugepage_memory_is_aligned_and_outlives_its_mapping():
+    t = kernels.hugepage_empty(3 << 20).view(3, 1 << 20)  # 12 MB
+    t.fill_(2.0)
+    part = t[1]
+    del t
+    assert float(part.sum()) == 2.0 * (1 << 20)
+    if hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
+        assert part.data_ptr() % (2 << 20) == (1 << 20) * 4 % (2 << 20)
+
+
 @pytest.mark.parametrize("tie", [True, False])
-def test_packed_model_gives_the_same_logits_and_state(tie):
+def test_packed_model_gives_the_same_logits_and_state(tie, layout):
     model = _model(tie)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randint(0, 97, (2, 20))
+    one = torch.randint(0, 97, (1, 1))  # a decoding step: the kernel's case
     with torch.inference_mode():
-        want = model(x)
+        want, want_one = model(x), model(one)
     assert pack_linears(model) == 2 * 4 + 1 and is_packed(model)
+    assert sum(type(m) is layout for m in model.modules()) == 2 * 4 + 1
+    if layout is StreamLinear and tie:
+        assert model.lm_head.weight is model.tok_emb.weight  # still one tensor
     with torch.inference_mode():
         torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(one), want_one, rtol=1e-4, atol=1e-5)
     got = model.state_dict()
     assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state)
     assert unpack_linears(model) == 9 and not is_packed(model)
@@ -91,7 +170,7 @@ def test_packed_model_gives_the_same_logits_and_state(tie):
     model(x).sum().backward()  # trains again once unpacked
 
 
-def test_lm_load_packs_on_cpu_and_saves_and_exports_unchanged(tmp_path):
+def test_lm_load_packs_on_cpu_and_saves_and_exports_unchanged(tmp_path, layout):
     from lmforge.lm import LM
 
     tok = Tokenizer.train_from_iterator(["hello world " * 20], "bpe", vocab_size=280, min_frequency=1)

@@ -1,4 +1,11 @@
-"""fp32 linear layers in oneDNN's packed form, for CPU inference.
+"""fp32 linear layers laid out for fast CPU inference: lmforge's streaming kernel, or oneDNN's packed form.
+
+Where ``lmforge.kernels`` could build its C kernel (a C compiler is present), ``pack_linears`` turns each
+``nn.Linear`` into a ``StreamLinear``: the same module with the same parameters (ties kept, trains,
+saves and pickles as an ``nn.Linear``), whose forward runs the kernel for steps of at most 16 rows and
+``F.linear`` otherwise, with the weights moved into memory backed by huge pages. That is the fastest
+decoding path measured here (``python -m bench.gemv``, ``python -m bench.decode``). Without the kernel it
+falls back to oneDNN's packed form, described next.
 
 Decoding one token reads every weight matrix once and multiplies it by a single row: a matrix-vector
 product whose speed is set by how fast the weights stream from memory. For that shape torch's default
@@ -27,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels import hugepage_empty, kernel_available, stream_linear
 from .models import replace_module
 
 
@@ -136,6 +144,28 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {how}"
 
 
+class StreamLinear(nn.Linear):
+    """``nn.Linear`` whose forward runs ``lmforge.kernels.stream_linear`` (the compiled memory-bound kernel for
+    a few fp32 rows without autograd, ``F.linear`` for everything else). Made from an ``nn.Linear`` in place
+    by ``pack_linears``; its parameters stay the layer's own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return stream_linear(x, self.weight, self.bias)
+
+
+def _to_hugepages(model: nn.Module, params: list[nn.Parameter]) -> None:
+    """Move each parameter's data (once, however many modules share it) into huge-page-backed memory."""
+    seen: set[int] = set()
+    for p in params:
+        if id(p) in seen or p.device.type != "cpu" or p.dtype != torch.float32 or not p.is_contiguous():
+            continue
+        seen.add(id(p))
+        moved = hugepage_empty(p.numel()).view(p.shape)
+        if moved.data_ptr() != p.data_ptr():
+            moved.copy_(p.detach())
+            p.data = moved
+
+
 def _swap(model: nn.Module, kind: type, make) -> int:
     targets = [(name, mod) for name, mod in model.named_modules() if type(mod) is kind]
     for name, mod in targets:
@@ -144,19 +174,33 @@ def _swap(model: nn.Module, kind: type, make) -> int:
 
 
 def pack_linears(model: nn.Module, batch_hint: int = 1) -> int:
-    """Swap every fp32 CPU ``nn.Linear`` of ``model`` for a ``PackedLinear`` (in place, eval mode);
-    returns how many were swapped (0 where oneDNN is missing or the model is not fp32 on the CPU)."""
+    """Lay out every fp32 CPU ``nn.Linear`` of ``model`` for fast inference (in place, eval mode):
+    ``StreamLinear`` where lmforge's kernel is available, else ``PackedLinear`` (oneDNN); returns how many
+    layers changed (0 where neither applies or the model is not fp32 on the CPU)."""
     p: Optional[torch.Tensor] = next(model.parameters(), None)
-    if p is None or p.device.type != "cpu" or p.dtype != torch.float32 or not packing_available():
+    if p is None or p.device.type != "cpu" or p.dtype != torch.float32:
+        return 0
+    if kernel_available():
+        model.eval()
+        layers = [m for m in model.modules() if type(m) is nn.Linear]
+        _to_hugepages(model, [m.weight for m in layers])
+        for m in layers:
+            m.__class__ = StreamLinear
+        return len(layers)
+    if not packing_available():
         return 0
     model.eval()
     return _swap(model, nn.Linear, lambda lin: PackedLinear(lin, batch_hint))
 
 
 def unpack_linears(model: nn.Module) -> int:
-    """Undo ``pack_linears``: plain ``nn.Linear`` modules again (a tied head becomes untied)."""
-    return _swap(model, PackedLinear, PackedLinear.to_linear)
+    """Undo ``pack_linears``: plain ``nn.Linear`` modules again (a tied head packed by oneDNN becomes
+    untied; a ``StreamLinear`` keeps its parameters, ties included)."""
+    streams = [m for m in model.modules() if type(m) is StreamLinear]
+    for m in streams:
+        m.__class__ = nn.Linear
+    return len(streams) + _swap(model, PackedLinear, PackedLinear.to_linear)
 
 
 def is_packed(model: nn.Module) -> bool:
-    return any(isinstance(m, PackedLinear) for m in model.modules())
+    return any(isinstance(m, (PackedLinear, StreamLinear)) for m in model.modules())

@@ -8,8 +8,10 @@ scale per output channel (row) and computes ``y = x W^T * scale + b``:
 
 Only the weights are quantized; activations are not (unlike "dynamic" W8A8 quantization). Decoding one
 token at a time reads every weight once per token and does little arithmetic with it, so its speed is
-bound by memory bandwidth: int8 weights are a quarter of the fp32 bytes. The matmul is torch's CPU
-weight-only int8 kernel (``torch._weight_int8pack_mm``), which is fast with bf16 activations (its fp32
+bound by memory bandwidth: int8 weights are a quarter of the fp32 bytes. For decoding steps (at most 16
+rows, no autograd) the matmul is lmforge's own kernel (``lmforge.kernels.stream_linear_int8``: int8 weights
+converted to fp32 in registers, fp32 activations and accumulation) where it could be built. Otherwise it is
+torch's CPU weight-only int8 kernel (``torch._weight_int8pack_mm``), which is fast with bf16 activations (its fp32
 path is a slow reference loop), so the input of each quantized matmul is rounded to bf16, the kernel
 accumulates in fp32, and the per-channel scale and bias are applied in fp32 afterwards. Everything else
 (embeddings, norms, attention, residual stream, logits) stays fp32. Where the kernel is missing, the
@@ -28,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import UserError
+from .kernels import stream_linear_int8
 from .models import replace_module
 
 QUANTIZE_KINDS = ("none", "int8")
@@ -66,6 +69,9 @@ class QuantLinear(nn.Module):
         return self.weight_int8.float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = stream_linear_int8(x, self.weight_int8, self.scale, self.bias)
+        if y is not None:
+            return y
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.use_kernel and x2.device.type == "cpu":

@@ -1,0 +1,114 @@
+/* y[M,N] = x[M,K] W[N,K]^T (+ b[N]) for a few rows of x: lmforge's decoding matmul, with W in fp32 or in
+ * int8 with one fp32 scale per row (y[m,n] = scale[n] * sum_k W[n,k] x[m,k] + b[n]; x stays fp32).
+ *
+ * With one to a few rows the product is bound by how fast W streams from memory, not by arithmetic. Each
+ * thread takes a contiguous band of W's rows; within it, blocks of R rows are read once, while R x MB dot
+ * products accumulate in vector registers: one row of x against 8 rows of W, or up to 8 rows of x against
+ * 3 rows of W (24 accumulators: the most that fit AVX-512's 32 registers beside the operands; groups of
+ * 4, 2 and 1 rows of x take the rest, re-reading the block from cache). GCC's vector extensions keep it portable: -march=native turns v16 into AVX-512, AVX2 pairs
+ * or NEON quads. Built by lmforge.kernels; the OpenMP runtime is the one torch has already loaded.
+ */
+#include <stdint.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+
+typedef int8_t c16 __attribute__((vector_size(16)));
+
+static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+/* 16 int8 weights as fp32. GCC scalarizes __builtin_convertvector from bytes, so x86 gets intrinsics. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline v16 load16_i8(const int8_t *p) {
+    return (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+#elif defined(__AVX2__)
+#include <immintrin.h>
+static inline v16 load16_i8(const int8_t *p) {
+    __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+    __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))));
+    v16 v;
+    memcpy(&v, &lo, sizeof lo);
+    memcpy((char *)&v + sizeof lo, &hi, sizeof hi);
+    return v;
+}
+#else
+static inline v16 load16_i8(const int8_t *p) { c16 c; memcpy(&c, p, sizeof c); return __builtin_convertvector(c, v16); }
+#endif
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+static inline float hsum(v16 v) {
+    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+/* R rows of W against MB rows of x: y[m, n0 + r]. K16 = K rounded down to a multiple of 16. */
+#define BLOCK(NAME, T, LOAD, R, MB)                                                                \
+static void NAME##_##R##_##MB(const T *W, const float *scale, const float *x, const float *b,     \
+                             float *y, long n0, long m0, long N, long K) {                       \
+    v16 acc[MB][R];                                                                               \
+    memset(acc, 0, sizeof acc);                                                                   \
+    const long K16 = K & ~15L;                                                                    \
+    const T *w = W + n0 * K;                                                                      \
+    for (long k = 0; k < K16; k += 16) {                                                          \
+        v16 wv[R];                                                                                \
+        for (int r = 0; r < R; r++) wv[r] = LOAD(w + r * K + k);                                  \
+        for (int m = 0; m < MB; m++) {                                                            \
+            v16 xv = load16(x + (m0 + m) * K + k);                                               \
+            for (int r = 0; r < R; r++) acc[m][r] += wv[r] * xv;                                 \
+        }                                                                                         \
+    }                                                                                             \
+    for (int m = 0; m < MB; m++)                                                                  \
+        for (int r = 0; r < R; r++) {                                                             \
+            float s = hsum(acc[m][r]);                                                            \
+            for (long k = K16; k < K; k++) s += (float)w[r * K + k] * x[(m0 + m) * K + k];       \
+            if (scale) s *= scale[n0 + r];                                                        \
+            y[(m0 + m) * N + n0 + r] = s + (b ? b[n0 + r] : 0.f);                                \
+        }                                                                                         \
+}
+
+/* The whole product for one weight type: blocks of 8 rows for one row of x, of 3 rows otherwise. */
+#define LINEAR(NAME, T)                                                                            \
+BLOCK(NAME, T, LOAD_##NAME, 8, 1)                                                                 \
+BLOCK(NAME, T, LOAD_##NAME, 3, 8)                                                                 \
+BLOCK(NAME, T, LOAD_##NAME, 3, 4)                                                                 \
+BLOCK(NAME, T, LOAD_##NAME, 3, 2)                                                                 \
+BLOCK(NAME, T, LOAD_##NAME, 3, 1)                                                                 \
+BLOCK(NAME, T, LOAD_##NAME, 1, 1)                                                                 \
+static void NAME(const T *W, const float *scale, const float *x, const float *b, float *y,        \
+                 long M, long N, long K) {                                                        \
+    const long R = M == 1 ? 8 : 3;                                                                \
+    const long blocks = N / R;                                                                    \
+    _Pragma("omp parallel for schedule(static)")                                                  \
+    for (long i = 0; i < blocks; i++) {                                                           \
+        long n0 = i * R, m = 0;                                                                   \
+        if (M == 1) {                                                                             \
+            NAME##_8_1(W, scale, x, b, y, n0, 0, N, K);                                           \
+            continue;                                                                             \
+        }                                                                                         \
+        for (; m + 8 <= M; m += 8) NAME##_3_8(W, scale, x, b, y, n0, m, N, K);                    \
+        if (m + 4 <= M) { NAME##_3_4(W, scale, x, b, y, n0, m, N, K); m += 4; }                   \
+        if (m + 2 <= M) { NAME##_3_2(W, scale, x, b, y, n0, m, N, K); m += 2; }                   \
+        if (m < M) NAME##_3_1(W, scale, x, b, y, n0, m, N, K);                                    \
+    }                                                                                             \
+    for (long n = blocks * R; n < N; n++) /* the last N % R rows */                               \
+        for (long m = 0; m < M; m++) NAME##_1_1(W, scale, x, b, y, n, m, N, K);                   \
+}
+
+#define LOAD_linear_f32 load16
+#define LOAD_linear_i8 load16_i8
+LINEAR(linear_f32, float)
+LINEAR(linear_i8, int8_t)
+
+void lmf_stream_linear_f32(const float *W, const float *x, const float *b, float *y, long M, long N, long K) {
+    linear_f32(W, 0, x, b, y, M, N, K);
+}
+
+void lmf_stream_linear_i8(const int8_t *W, const float *scale, const float *x, const float *b, float *y,
+                          long M, long N, long K) {
+    linear_i8(W, scale, x, b, y, M, N, K);
+}
