@@ -68,6 +68,52 @@ def weight_bytes_per_token(model: nn.Module, ctx: int) -> int:
 
 
 @torch.inference_mode()
+def step_breakdown(model: nn.Module, steps: int = 64, prompt: int = 32) -> dict:
+    """Where a batch-1 decoding step's time goes (model laid out by ``prepare_for_inference``): the step,
+    the linear products within it (timed around each call), and the rest alone (the products replaced by
+    ready-made outputs). Milliseconds per step, and the products' GB/s of weights read."""
+    import lmforge.packed as packed
+
+    cfg = model.cfg
+    inner = packed.stream_linear
+    spent = [0.0]
+    ready: dict = {}
+
+    def timed(x, w, b=None):
+        t0 = time.perf_counter()
+        y = inner(x, w, b)
+        spent[0] += time.perf_counter() - t0
+        return y
+
+    def canned(x, w, b=None):
+        key = (tuple(x.shape), w.shape[0])
+        if key not in ready:
+            ready[key] = torch.zeros(*x.shape[:-1], w.shape[0])
+        return ready[key]
+
+    def run(fn) -> float:
+        packed.stream_linear = fn
+        try:
+            cache = model.new_cache(1, prompt + steps + 1)
+            logits = model(torch.randint(0, cfg.vocab_size, (1, prompt)), cache=cache, last_only=True)
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            spent[0] = 0.0
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                logits = model(tok, cache=cache, last_only=True)  # the cache advances itself
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+            return (time.perf_counter() - t0) / steps * 1e3
+        finally:
+            packed.stream_linear = inner
+
+    step = run(timed)
+    linear = spent[0] / steps * 1e3
+    rest_alone = run(canned)
+    nbytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, packed.StreamLinear))
+    return {"step": step, "linear": linear, "rest_alone": rest_alone, "gbps": nbytes / linear / 1e6}
+
+
+@torch.inference_mode()
 def val_perplexity(model, tokens: torch.Tensor, block: int) -> float:
     """exp(mean next-token NLL) over non-overlapping windows of ``block`` tokens covering the split."""
     n = (len(tokens) - 1) // block
@@ -116,6 +162,7 @@ def main(argv=None) -> dict:
     from lmforge.config import GenerateConfig
     from lmforge.generate import generate_ids
     from lmforge.lm import prepare_for_inference
+    from lmforge.packed import StreamLinear
     from lmforge.quantize import quantize_model
 
     model, hf = build_pair(args.size)
@@ -180,6 +227,11 @@ def main(argv=None) -> dict:
         ["lmforge fp32 batch 1, packed vs pack=False", f"{b1:.1f} vs {plain:.1f} tok/s", f"{b1 / plain:.2f}x",
          "(info)"],
     ]
+    if any(isinstance(m, StreamLinear) for m in model.modules()):
+        parts = step_breakdown(model)
+        print(f"batch-1 step: {parts['step']:.1f} ms, of which {parts['linear']:.1f} ms in the linear products "
+              f"({parts['gbps']:.1f} GB/s of weights); the rest alone (products skipped): "
+              f"{parts['rest_alone']:.1f} ms")
     model = hf = q8 = unpacked = None  # free their memory before the perplexity part
     # Perplexity, fp32 vs int8, on a trained model.
     from lmforge.checkpoint import load_checkpoint
