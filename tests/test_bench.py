@@ -53,7 +53,7 @@ def test_gpu_bench_dry_run(capsys):
     assert "dry run" in rows[0][0] and "MFU" in rows[0][2]
 
 
-def test_prepare_speed_bench_smoke(capsys):
+def test_prepare_speed_bench_smoke(capsys, shakespeare_path):  # its synthetic corpus is made of tinyshakespeare
     pytest.importorskip("psutil")
     from bench import prepare_speed
 
