@@ -42,7 +42,11 @@ def lmforge_model(c: dict, gpt2: bool):
     cfg = dataclasses.replace(get_preset("gpt2-124m"), vocab_size=c["vocab_size"], block_size=c["block_size"],
                               n_layers=c["n_layers"], n_heads=c["n_heads"], d_model=c["d_model"],
                               bias=gpt2, mlp="gelu_tanh" if gpt2 else "gelu")
-    return build_model(cfg)
+    model = build_model(cfg)
+    from lmforge.kernels import use_cpu_kernels
+
+    use_cpu_kernels(model)  # what the training loop does on the CPU
+    return model
 
 
 def hf_model(c: dict):

@@ -202,3 +202,39 @@ def test_lm_load_packs_on_cpu_and_saves_and_exports_unchanged(tmp_path, layout):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.inference_mode():
         torch.testing.assert_close(hf(x).logits, model(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_gelu_kernel_matches_torch_forward_and_backward():
+    torch.manual_seed(3)
+    x = (torch.randn(37, 129) * 4).requires_grad_()
+    g = torch.randn(37, 129)
+    y = kernels.gelu_tanh(x)
+    y.backward(g)
+    x2 = x.detach().clone().requires_grad_()
+    F.gelu(x2, approximate="tanh").backward(g)
+    torch.testing.assert_close(y, F.gelu(x.detach(), approximate="tanh"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    t = torch.randn(8, 6).t()  # not contiguous, and bf16: torch's own version
+    torch.testing.assert_close(kernels.gelu_tanh(t), F.gelu(t, approximate="tanh"))
+    b = torch.randn(5, dtype=torch.bfloat16)
+    assert kernels.gelu_tanh(b).dtype == torch.bfloat16
+
+
+@needs_kernel
+def test_use_cpu_kernels_swaps_gpt2_gelu_without_changing_the_model():
+    model = _model(tie=True).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 97, (2, 20))
+    want = model(x)
+    want.sum().backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    assert kernels.use_cpu_kernels(model) == 2 and kernels.use_cpu_kernels(model) == 0
+    assert sum(type(m) is kernels.KernelGELU for m in model.modules()) == 2
+    got = model(x)
+    got.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-3, atol=1e-5)
+    assert list(model.state_dict()) == list(state)

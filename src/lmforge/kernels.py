@@ -1,5 +1,8 @@
 """Compiled CPU kernels for decoding, built on first use with the system C compiler.
 
+``gelu_tanh`` is GPT-2's GELU (forward and backward) for training and inference on the CPU, where torch's
+tanh is slow; ``use_cpu_kernels(model)`` swaps it in from the outside.
+
 ``stream_linear(x, weight, bias)`` is ``F.linear`` for fp32 inputs of a few rows (one decoding step of one to
 a few sequences), from ``csrc/stream_linear.c``; ``stream_linear_int8`` the same with an int8 weight and one
 fp32 scale per output row (lmforge.quantize), converting the weights to fp32 in registers. Such a product reads every weight once and does two flops
@@ -8,7 +11,7 @@ thread a contiguous band of rows and keeps every output of a block of rows in ve
 streams GPT-2's matrices at 25-34 GB/s on a 2-core Zen 4 where torch's one-row ``F.linear`` gets 13-18 and
 oneDNN's packed inner product 18-28 (``python -m bench.gemv``).
 
-The source is compiled once per CPU model with ``-O3 -march=native -fopenmp`` into
+The sources are compiled once per CPU model with ``-O3 -march=native -fopenmp`` into
 ``~/.cache/lmforge/kernels`` (``LMFORGE_KERNEL_DIR`` moves it) and loaded with ctypes; its OpenMP runtime
 is the one torch has already loaded (the same ``libgomp.so.1``), so it uses torch's threads and thread
 count. The built library is checked against ``F.linear`` before it is used. Where there is no C compiler,
@@ -39,7 +42,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "stream_linear.c"
+SOURCES = (Path(__file__).with_name("csrc") / "stream_linear.c", Path(__file__).with_name("csrc") / "gelu.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi", "-shared", "-fPIC"]
 MAX_ROWS = 16  # above this many rows a product is no longer bound by memory: F.linear (BLAS gemm) wins
 
@@ -68,16 +71,16 @@ def kernel_dir() -> Path:
 
 
 def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in SOURCES)
     key = hashlib.sha256(source + " ".join([compiler] + FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
-    out = kernel_dir() / f"stream_linear-{key}.so"
+    out = kernel_dir() / f"lmforge-cpu-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+        proc = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
                               timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
@@ -101,7 +104,12 @@ def _self_test(lib: ctypes.CDLL) -> bool:
         lib.lmf_stream_linear_i8(q.data_ptr(), scale.data_ptr(), x.data_ptr(), b.data_ptr(), y.data_ptr(), rows, n, k)
         if not torch.allclose(y, F.linear(x, q.float() * scale[:, None], b), rtol=1e-4, atol=1e-4):
             return False
-    return True
+    x = torch.linspace(-12, 12, 1001)
+    y, dx, g = torch.empty_like(x), torch.empty_like(x), torch.ones_like(x)
+    lib.lmf_gelu_tanh_f32(x.data_ptr(), y.data_ptr(), x.numel())
+    lib.lmf_gelu_tanh_backward_f32(g.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel())
+    return (torch.allclose(y, F.gelu(x, approximate="tanh"), rtol=1e-5, atol=1e-6)
+            and torch.allclose(dx, torch.ops.aten.gelu_backward(g, x, approximate="tanh"), rtol=1e-5, atol=1e-5))
 
 
 def load_kernel() -> Optional[ctypes.CDLL]:
@@ -116,15 +124,16 @@ def load_kernel() -> Optional[ctypes.CDLL]:
         if os.environ.get("LMFORGE_CPU_KERNELS", "1") == "0":
             return None
         compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-        if compiler is None or not SOURCE.exists():
+        if compiler is None or not all(p.exists() for p in SOURCES):
             log.info("lmforge.kernels: no C compiler; using torch's linear kernels")
             return None
         try:
             lib = ctypes.CDLL(str(_build(compiler)))
-            for name, pointers in (("lmf_stream_linear_f32", 4), ("lmf_stream_linear_i8", 5)):
+            for name, pointers, sizes in (("lmf_stream_linear_f32", 4, 3), ("lmf_stream_linear_i8", 5, 3),
+                                          ("lmf_gelu_tanh_f32", 2, 1), ("lmf_gelu_tanh_backward_f32", 3, 1)):
                 fn = getattr(lib, name)
                 fn.restype = None
-                fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_long] * 3
+                fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_long] * sizes
             if not _self_test(lib):
                 log.warning("lmforge.kernels: the built kernel disagrees with F.linear; not using it")
                 return None
@@ -180,6 +189,56 @@ def stream_linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     lib.lmf_stream_linear_i8(weight.data_ptr(), s.data_ptr(), x2.data_ptr(), None if b is None else b.data_ptr(),
                              y.data_ptr(), x2.shape[0], n, k)
     return y
+
+
+def _gelu_applies(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and x.numel() > 0
+
+
+class _GeluTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty_like(x)
+        _lib.lmf_gelu_tanh_f32(x.data_ptr(), y.data_ptr(), x.numel())
+        ctx.save_for_backward(x)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        dx = torch.empty_like(x)
+        _lib.lmf_gelu_tanh_backward_f32(grad.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel())
+        return dx
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """``F.gelu(x, approximate="tanh")`` (GPT-2's GELU), forward and backward through the kernel for
+    contiguous fp32 CPU tensors: torch's CPU tanh is the slow part of its version (about 3x slower here;
+    ``python -m bench.train_step`` shows the effect on a training step)."""
+    lib = _lib if _tried else load_kernel()
+    if lib is None or not _gelu_applies(x):
+        return F.gelu(x, approximate="tanh")
+    return _GeluTanh.apply(x)
+
+
+class KernelGELU(torch.nn.GELU):
+    """``nn.GELU(approximate="tanh")`` computed by ``gelu_tanh``; made in place by ``use_cpu_kernels``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu_tanh(x)
+
+
+def use_cpu_kernels(model: torch.nn.Module) -> int:
+    """Swap, in place, the modules of ``model`` that lmforge's CPU kernels compute faster (GPT-2's tanh
+    GELU) for their kernel versions: same function, no parameters, so checkpoints do not change. Returns
+    how many were swapped (0 where the kernels are not available)."""
+    if not kernel_available():
+        return 0
+    found = [m for m in model.modules() if type(m) is torch.nn.GELU and m.approximate == "tanh"]
+    for m in found:
+        m.__class__ = KernelGELU
+    return len(found)
 
 
 _HUGE = 2 << 20

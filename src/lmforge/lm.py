@@ -49,9 +49,11 @@ def prepare_for_inference(model, quantize: str = "none", pack: bool = True):
 
         quantize_model(model, quantize)
     elif pack:
+        from .kernels import use_cpu_kernels
         from .packed import pack_linears
 
-        pack_linears(model)
+        if pack_linears(model):
+            use_cpu_kernels(model)
     return model
 
 

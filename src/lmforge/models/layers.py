@@ -58,6 +58,8 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(cfg.d_model, 2 * ff if cfg.mlp == "swiglu" else ff, bias=cfg.bias)
         self.fc2 = nn.Linear(ff, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
+        # A module, so a faster CPU kernel can be swapped in from outside (lmforge.kernels.use_cpu_kernels).
+        self.act = nn.GELU(approximate="tanh") if cfg.mlp == "gelu_tanh" else None
 
     def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
         h_BTF = self.fc1(x_BTC)
@@ -67,7 +69,7 @@ class MLP(nn.Module):
         elif self.kind == "gelu":
             h_BTF = F.gelu(h_BTF)
         elif self.kind == "gelu_tanh":  # GPT-2's approximation ("gelu_new")
-            h_BTF = F.gelu(h_BTF, approximate="tanh")
+            h_BTF = self.act(h_BTF)
         elif self.kind == "relu":  # the original Transformer (Vaswani et al. 2017, eq. 2)
             h_BTF = F.relu(h_BTF)
         elif self.kind == "silu":  # swish (Ramachandran et al. 2017), Marian's default

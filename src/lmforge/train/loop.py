@@ -179,9 +179,11 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     if device.type == "cpu":
+        from ..kernels import use_cpu_kernels
         from .memory import keep_freed_memory
 
         keep_freed_memory()
+        use_cpu_kernels(task.model)  # GPT-2's GELU through lmforge's kernel: same function, faster
     model = D.wrap_model(task.model.to(device), info, tcfg, device, dtype)
     plain = unwrap(task.model)
     model.train()
