@@ -108,3 +108,14 @@ def test_classify_probe_bench_smoke(tmp_path, capsys):
     assert [r[0] for r in out][:2] == ["last text token", "appended EOS"]
     assert float(out[0][1]) == 1.0  # the two classes differ at the last token: a probe separates them
     assert "Linear probes" in capsys.readouterr().out
+
+
+def test_activations_bench_smoke(capsys):
+    from bench import activations
+    from lmforge.kernels import kernel_available
+
+    if not kernel_available():
+        pytest.skip("lmforge's CPU kernels could not be built")
+    rows = activations.main(["--rows", "16", "--cols", "32", "--rounds", "1"])
+    assert rows[-1][2].endswith("x faster") and float(rows[0][1]) >= 0
+    assert "GELU on a 16x32" in capsys.readouterr().out

@@ -8,8 +8,8 @@ a few sequences), from ``csrc/stream_linear.c``; ``stream_linear_int8`` the same
 fp32 scale per output row (lmforge.quantize), converting the weights to fp32 in registers. Such a product reads every weight once and does two flops
 per weight read, so its speed is the speed at which the weights stream from memory; the kernel gives each
 thread a contiguous band of rows and keeps every output of a block of rows in vector registers, which
-streams GPT-2's matrices at 25-34 GB/s on a 2-core Zen 4 where torch's one-row ``F.linear`` gets 13-18 and
-oneDNN's packed inner product 18-28 (``python -m bench.gemv``).
+streamed GPT-2's matrices at 34-45 GB/s on a 2-core Zen 4 where torch's one-row ``F.linear`` got 12-17 and
+oneDNN's packed inner product 20-32 (one run of ``python -m bench.gemv``, docs/benchmarks.md).
 
 The sources are compiled once per CPU model with ``-O3 -march=native -fopenmp`` into
 ``~/.cache/lmforge/kernels`` (``LMFORGE_KERNEL_DIR`` moves it) and loaded with ctypes; its OpenMP runtime
