@@ -1,26 +1,27 @@
-"""Compiled CPU kernels for decoding, built on first use with the system C compiler.
+"""Compiled CPU kernels, built on first use with the system C compiler (sources in ``csrc/``).
 
-``gelu_tanh`` is GPT-2's GELU (forward and backward) for training and inference on the CPU, where torch's
-tanh is slow; ``use_cpu_kernels(model)`` swaps it in from the outside.
+``stream_linear(x, weight, bias)`` is ``F.linear`` for fp32 inputs of a few rows (one decoding step of one
+to a few sequences); ``stream_linear_int8`` the same with an int8 weight and one fp32 scale per output row
+(lmforge.quantize), converting the weights to fp32 in registers. Such a product reads every weight once
+and does two flops per weight read, so its speed is the speed at which the weights stream from memory; the
+kernel gives each thread a contiguous band of rows and keeps every output of a block of rows in vector
+registers, which streamed GPT-2's matrices at 34-45 GB/s on a 2-core Zen 4 where torch's one-row
+``F.linear`` got 12-17 and oneDNN's packed inner product 20-32 (one run of ``python -m bench.gemv``,
+docs/benchmarks.md).
 
-``stream_linear(x, weight, bias)`` is ``F.linear`` for fp32 inputs of a few rows (one decoding step of one to
-a few sequences), from ``csrc/stream_linear.c``; ``stream_linear_int8`` the same with an int8 weight and one
-fp32 scale per output row (lmforge.quantize), converting the weights to fp32 in registers. Such a product reads every weight once and does two flops
-per weight read, so its speed is the speed at which the weights stream from memory; the kernel gives each
-thread a contiguous band of rows and keeps every output of a block of rows in vector registers, which
-streamed GPT-2's matrices at 34-45 GB/s on a 2-core Zen 4 where torch's one-row ``F.linear`` got 12-17 and
-oneDNN's packed inner product 20-32 (one run of ``python -m bench.gemv``, docs/benchmarks.md).
+``gelu_tanh`` is GPT-2's GELU, forward and backward, for training and inference: torch's CPU ``tanh`` is
+slow, and the kernel computes the same function through one exp (``python -m bench.activations``).
+``use_cpu_kernels(model)`` swaps it in from the outside.
 
 The sources are compiled once per CPU model with ``-O3 -march=native -fopenmp`` into
-``~/.cache/lmforge/kernels`` (``LMFORGE_KERNEL_DIR`` moves it) and loaded with ctypes; its OpenMP runtime
-is the one torch has already loaded (the same ``libgomp.so.1``), so it uses torch's threads and thread
-count. The built library is checked against ``F.linear`` before it is used. Where there is no C compiler,
-or the build or the check fails, ``kernel_available()`` is False and callers keep torch's kernels;
-``LMFORGE_CPU_KERNELS=0`` turns the kernel off.
+``~/.cache/lmforge/kernels`` (``LMFORGE_KERNEL_DIR`` moves it) and loaded with ctypes; the library's OpenMP
+runtime is the one torch has already loaded (the same ``libgomp.so.1``), so it uses torch's threads and
+thread count. The built library is checked against torch's own results before it is used. Where there is
+no C compiler, or the build or the check fails, ``kernel_available()`` is False and callers keep torch's
+kernels; ``LMFORGE_CPU_KERNELS=0`` turns the kernels off.
 
 ``hugepage_empty(numel)`` allocates fp32 memory that Linux backs with 2 MB pages where transparent huge
-pages are enabled (``madvise`` mode included): streaming weights then costs fewer TLB misses (about +5-15%
-on the matrices above).
+pages are enabled (``madvise`` mode included), so streaming weights costs fewer TLB misses.
 """
 from __future__ import annotations
 

@@ -49,11 +49,14 @@ def prepare_for_inference(model, quantize: str = "none", pack: bool = True):
 
         quantize_model(model, quantize)
     elif pack:
-        from .kernels import use_cpu_kernels
         from .packed import pack_linears
 
-        if pack_linears(model):
-            use_cpu_kernels(model)
+        pack_linears(model)
+    p = next(model.parameters(), None)
+    if (pack or quantize != "none") and p is not None and p.device.type == "cpu":
+        from .kernels import use_cpu_kernels
+
+        use_cpu_kernels(model)  # GPT-2's GELU through lmforge's kernel (fp32 inputs; others fall back)
     return model
 
 
