@@ -1,6 +1,7 @@
 """Data preparation: `lmforge prepare` with byte-level BPE, MB/s of English text per core and peak memory.
 
-    python -m bench.prepare_speed [--mb 64] [--workers 1] [--vocab 8192] [--corpus synthetic|docstrings|FILE]
+    python -m bench.prepare_speed [--mb 64] [--workers 1] [--vocab 8192]
+                                  [--corpus synthetic|docstrings|FILE]
 
 The default corpus is synthetic English: tinyshakespeare's lines shuffled and repeated (with line-level
 variation) to ``--mb`` MB. Such text repeats few distinct words, which flatters lmforge's BPE encoder (it

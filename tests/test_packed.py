@@ -98,7 +98,7 @@ def test_stream_linear_matches_f_linear_for_every_shape(bias):
     for n, k in ((40, 48), (37, 50), (9, 33), (100, 16), (8, 3)):
         w = torch.randn(n, k)
         b = torch.randn(n) if bias else None
-        for rows in (1, 2, 3, 4, 5, 8, 15, 16, 17, 40):
+        for rows in (1, 2, 3, 4, 5, 8, 15, 16, 17, 40, 64, 65):
             x = torch.randn(rows, k)
             torch.testing.assert_close(kernels.stream_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
         x3 = torch.randn(2, 3, k)  # leading dimensions are kept
@@ -109,7 +109,7 @@ def test_stream_linear_matches_f_linear_for_every_shape(bias):
             x = torch.randn(rows, k)
             torch.testing.assert_close(kernels.stream_linear_int8(x, q, scale, b),
                                        F.linear(x, q.float() * scale[:, None], b), rtol=1e-5, atol=1e-5)
-        assert kernels.stream_linear_int8(torch.randn(17, k), q, scale, b) is None  # not a decoding step
+        assert kernels.stream_linear_int8(torch.randn(kernels.MAX_ROWS_INT8 + 1, k), q, scale, b) is None
     w, b = torch.randn(5, 16), (torch.randn(5) if bias else None)
     x = torch.randn(1, 16, requires_grad=True)  # autograd goes through F.linear
     kernels.stream_linear(x, w, b).sum().backward()

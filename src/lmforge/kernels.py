@@ -1,7 +1,7 @@
 """Compiled CPU kernels, built on first use with the system C compiler (sources in ``csrc/``).
 
-``stream_linear(x, weight, bias)`` is ``F.linear`` for fp32 inputs of a few rows (one decoding step of one
-to a few sequences); ``stream_linear_int8`` the same with an int8 weight and one fp32 scale per output row
+``stream_linear(x, weight, bias)`` is ``F.linear`` for fp32 inputs of a few rows (decoding steps, short
+prefills); ``stream_linear_int8`` the same with an int8 weight and one fp32 scale per output row
 (lmforge.quantize), converting the weights to fp32 in registers. Such a product reads every weight once
 and does two flops per weight read, so its speed is the speed at which the weights stream from memory; the
 kernel gives each thread a contiguous band of rows and keeps every output of a block of rows in vector
@@ -45,7 +45,12 @@ log = logging.getLogger(__name__)
 
 SOURCES = (Path(__file__).with_name("csrc") / "stream_linear.c", Path(__file__).with_name("csrc") / "gelu.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi", "-shared", "-fPIC"]
-MAX_ROWS = 16  # above this many rows a product is no longer bound by memory: F.linear (BLAS gemm) wins
+# The most rows the kernels take. fp32: at 32 rows the kernel still beat F.linear and came within 20% of
+# oneDNN's packed inner product (python -m bench.gemv --rows 1 8 32); beyond 64 the rows of x no longer
+# stay in the L2 cache while it streams W, and F.linear (BLAS gemm, blocked for caches) takes over. int8
+# converts the weights again for every 8 rows of x, so it stops at decoding-sized products.
+MAX_ROWS = 64
+MAX_ROWS_INT8 = 16
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -149,10 +154,10 @@ def kernel_available() -> bool:
     return load_kernel() is not None
 
 
-def _applies(x: torch.Tensor, k: int, tensors: tuple) -> bool:
-    """Whether the kernel can take this product: fp32 CPU input of 1..MAX_ROWS rows and no autograd."""
+def _applies(x: torch.Tensor, k: int, tensors: tuple, max_rows: int) -> bool:
+    """Whether a kernel can take this product: fp32 CPU input of 1..max_rows rows and no autograd."""
     rows = x.numel() // k if k else 0
-    if rows == 0 or rows > MAX_ROWS or x.dtype != torch.float32 or x.device.type != "cpu":
+    if rows == 0 or rows > max_rows or x.dtype != torch.float32 or x.device.type != "cpu":
         return False
     if any(t is not None and t.device.type != "cpu" for t in tensors):
         return False
@@ -165,7 +170,8 @@ def stream_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     n, k = weight.shape
     lib = _lib if _tried else load_kernel()
     if (lib is None or weight.dtype != torch.float32 or not weight.is_contiguous()
-            or (bias is not None and bias.dtype != torch.float32) or not _applies(x, k, (weight, bias))):
+            or (bias is not None and bias.dtype != torch.float32)
+            or not _applies(x, k, (weight, bias), MAX_ROWS)):
         return F.linear(x, weight, bias)
     x2 = x.reshape(-1, k).contiguous()
     b = None if bias is None else bias.contiguous()
@@ -182,7 +188,8 @@ def stream_linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     n, k = weight.shape
     lib = _lib if _tried else load_kernel()
     if (lib is None or weight.dtype != torch.int8 or scale.dtype != torch.float32 or not weight.is_contiguous()
-            or (bias is not None and bias.dtype != torch.float32) or not _applies(x, k, (weight, scale, bias))):
+            or (bias is not None and bias.dtype != torch.float32)
+            or not _applies(x, k, (weight, scale, bias), MAX_ROWS_INT8)):
         return None
     x2 = x.reshape(-1, k).contiguous()
     s, b = scale.contiguous(), None if bias is None else bias.contiguous()

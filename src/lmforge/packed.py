@@ -2,7 +2,7 @@
 
 Where ``lmforge.kernels`` could build its C kernel (a C compiler is present), ``pack_linears`` turns each
 ``nn.Linear`` into a ``StreamLinear``: the same module with the same parameters (ties kept, trains,
-saves and pickles as an ``nn.Linear``), whose forward runs the kernel for steps of at most 16 rows and
+saves and pickles as an ``nn.Linear``), whose forward runs the kernel for products of at most 64 rows and
 ``F.linear`` otherwise, with the weights moved into memory backed by huge pages. That is the fastest
 decoding path measured here (``python -m bench.gemv``, ``python -m bench.decode``). Without the kernel it
 falls back to oneDNN's packed form, described next.
