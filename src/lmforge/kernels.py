@@ -131,7 +131,7 @@ def load_kernel() -> Optional[ctypes.CDLL]:
             return None
         compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
         if compiler is None or not all(p.exists() for p in SOURCES):
-            log.info("lmforge.kernels: no C compiler; using torch's linear kernels")
+            log.info("lmforge.kernels: no C compiler; using torch's kernels")
             return None
         try:
             lib = ctypes.CDLL(str(_build(compiler)))
@@ -141,10 +141,10 @@ def load_kernel() -> Optional[ctypes.CDLL]:
                 fn.restype = None
                 fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_long] * sizes
             if not _self_test(lib):
-                log.warning("lmforge.kernels: the built kernel disagrees with F.linear; not using it")
+                log.warning("lmforge.kernels: the built kernels disagree with torch; not using them")
                 return None
         except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
-            log.info("lmforge.kernels: could not build the CPU kernel (%s); using torch's linear kernels", e)
+            log.info("lmforge.kernels: could not build the CPU kernels (%s); using torch's", e)
             return None
         _lib = lib
         return _lib
