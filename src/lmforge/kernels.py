@@ -164,6 +164,18 @@ def _applies(x: torch.Tensor, k: int, tensors: tuple, max_rows: int) -> bool:
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)))
 
 
+def _run(fn, x: torch.Tensor, n: int, k: int, *tensors: Optional[torch.Tensor]) -> torch.Tensor:
+    """Call a product kernel ``fn(W, [scale,] x, b, y, M, N, K)``: ``tensors`` are the contiguous arguments
+    before x, then the bias."""
+    *front, bias = tensors
+    x2 = x.reshape(-1, k).contiguous()
+    b = None if bias is None else bias.contiguous()
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+    fn(*[t.data_ptr() for t in front], x2.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
+       x2.shape[0], n, k)
+    return y
+
+
 def stream_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; through the kernel when it applies (fp32 CPU tensors, a contiguous
     weight, at most ``MAX_ROWS`` rows, no autograd), else through ``F.linear``."""
@@ -173,12 +185,7 @@ def stream_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             or (bias is not None and bias.dtype != torch.float32)
             or not _applies(x, k, (weight, bias), MAX_ROWS)):
         return F.linear(x, weight, bias)
-    x2 = x.reshape(-1, k).contiguous()
-    b = None if bias is None else bias.contiguous()
-    y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
-    lib.lmf_stream_linear_f32(weight.data_ptr(), x2.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(),
-                              x2.shape[0], n, k)
-    return y
+    return _run(lib.lmf_stream_linear_f32, x, n, k, weight, bias)
 
 
 def stream_linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -188,15 +195,10 @@ def stream_linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     n, k = weight.shape
     lib = _lib if _tried else load_kernel()
     if (lib is None or weight.dtype != torch.int8 or scale.dtype != torch.float32 or not weight.is_contiguous()
-            or (bias is not None and bias.dtype != torch.float32)
+            or not scale.is_contiguous() or (bias is not None and bias.dtype != torch.float32)
             or not _applies(x, k, (weight, scale, bias), MAX_ROWS_INT8)):
         return None
-    x2 = x.reshape(-1, k).contiguous()
-    s, b = scale.contiguous(), None if bias is None else bias.contiguous()
-    y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
-    lib.lmf_stream_linear_i8(weight.data_ptr(), s.data_ptr(), x2.data_ptr(), None if b is None else b.data_ptr(),
-                             y.data_ptr(), x2.shape[0], n, k)
-    return y
+    return _run(lib.lmf_stream_linear_i8, x, n, k, weight, scale, bias)
 
 
 def _gelu_applies(x: torch.Tensor) -> bool:
@@ -222,8 +224,8 @@ class _GeluTanh(torch.autograd.Function):
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """``F.gelu(x, approximate="tanh")`` (GPT-2's GELU), forward and backward through the kernel for
-    contiguous fp32 CPU tensors: torch's CPU tanh is the slow part of its version (about 3x slower here;
-    ``python -m bench.train_step`` shows the effect on a training step)."""
+    contiguous fp32 CPU tensors: torch's CPU tanh is the slow part of its version
+    (``python -m bench.activations`` times both, ``python -m bench.train_step`` the effect on a step)."""
     lib = _lib if _tried else load_kernel()
     if lib is None or not _gelu_applies(x):
         return F.gelu(x, approximate="tanh")

@@ -153,7 +153,7 @@ class StreamLinear(nn.Linear):
         return stream_linear(x, self.weight, self.bias)
 
 
-def _to_hugepages(model: nn.Module, params: list[nn.Parameter]) -> None:
+def _to_hugepages(params: list[nn.Parameter]) -> None:
     """Move each parameter's data (once, however many modules share it) into huge-page-backed memory."""
     seen: set[int] = set()
     for p in params:
@@ -183,7 +183,7 @@ def pack_linears(model: nn.Module, batch_hint: int = 1) -> int:
     if kernel_available():
         model.eval()
         layers = [m for m in model.modules() if type(m) is nn.Linear]
-        _to_hugepages(model, [m.weight for m in layers])
+        _to_hugepages([m.weight for m in layers])
         for m in layers:
             m.__class__ = StreamLinear
         return len(layers)

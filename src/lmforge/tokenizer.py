@@ -321,21 +321,19 @@ class Tokenizer:
     def _encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
         """Encode to int64 arrays; the fastest path for bulk tokenization (used by prepare)."""
         if self.kind == "char":
-            fast = [self._encode_char_fast(t) for t in texts]
-            slow = [t for t, a in zip(texts, fast) if a is None]
-            if slow:
-                it = iter(self._encode_hf(slow))
-                fast = [next(it) if a is None else a for a in fast]
-            return fast
+            return self._fill_in(texts, [self._encode_char_fast(t) for t in texts])
         units = self._unit_encoder()
         if units:
-            fast = units.encode(texts)
-            slow = [t for t, a in zip(texts, fast) if a is None]
-            if slow:
-                it = iter(self._encode_hf(slow))
-                fast = [next(it) if a is None else a for a in fast]
-            return fast
+            return self._fill_in(texts, units.encode(texts))
         return self._encode_hf(texts)
+
+    def _fill_in(self, texts: list[str], fast: list[Optional[np.ndarray]]) -> list[np.ndarray]:
+        """A fast path's results, with the texts it left out (None) encoded by the full pipeline."""
+        slow = [t for t, a in zip(texts, fast) if a is None]
+        if not slow:
+            return fast
+        it = iter(self._encode_hf(slow))
+        return [next(it) if a is None else a for a in fast]
 
     def _unit_encoder(self) -> "Optional[_UnitEncoder]":
         if self._units is None:
@@ -414,10 +412,9 @@ class _UnitEncoder:
     non-whitespace character, so the text always splits between a non-whitespace character and the
     whitespace after it, and what follows such a point tokenizes as it would on its own. A text is
     therefore the concatenation of its units' ids (``_UNIT``). Natural text repeats a small set of units
-    (" the", " said,", "\\n\\nThe"), so most units are a dict lookup; the rest are encoded by ``tokenizers``
-    in one call per batch, as a pre-tokenized sequence whose word ids say which tokens belong to which
-    unit. Texts holding an added token's string return None (the full pipeline matches those first).
-    The cache is cleared when it reaches ``max_units`` entries (about 150 bytes each).
+    (" the", " said,", "\\n\\nThe"), so most units are a dict lookup; the new ones of a batch are encoded
+    by ``tokenizers`` in one call (``_learn``). Texts holding an added token's string return None (the full
+    pipeline matches those first). The cache is cleared when it reaches ``max_units`` entries.
     """
 
     JOIN_CHARS = 32 << 10
@@ -467,10 +464,13 @@ class _UnitEncoder:
     def _learn(self, units: list[str]) -> None:
         # A unit that starts with whitespace ends with non-whitespace, so any number of such units joined
         # tokenize as each alone: encode them joined into texts of about JOIN_CHARS (one text per unit costs
-        # several times more; one huge text makes the library hold ~150 bytes per character) and cut the
-        # ids where each unit's bytes end. The few others (a text's first unit, trailing whitespace) go alone.
-        joinable = [u for u in units if u[0] in _WS_CHARS and u[-1] not in _WS_CHARS]
-        rest = [u for u in units if not (u[0] in _WS_CHARS and u[-1] not in _WS_CHARS)]
+        # several times more; one huge text makes the library hold many times the text's size in memory) and
+        # cut the ids where each unit's bytes end. The few others (a text's first unit, trailing whitespace)
+        # go alone.
+        joinable: list[str] = []
+        rest: list[str] = []
+        for u in units:
+            (joinable if u[0] in _WS_CHARS and u[-1] not in _WS_CHARS else rest).append(u)
         groups: list[list[str]] = [[]]
         size = 0
         for u in joinable:
