@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import time
 
 import torch
@@ -69,10 +70,12 @@ def weight_bytes_per_token(model: nn.Module, ctx: int) -> int:
 
 @torch.inference_mode()
 def step_breakdown(model: nn.Module, steps: int = 64, prompt: int = 32) -> dict:
-    """Where a batch-1 decoding step's time goes (model laid out by ``prepare_for_inference``): the step,
-    the linear products within it (timed around each call), and the rest alone (the products replaced by
-    ready-made outputs). Milliseconds per step, and the products' GB/s of weights read."""
+    """Where a batch-1 decoding step's time goes (model laid out by ``prepare_for_inference``): the step
+    through the model's forward, the linear products within it (timed around each call), and the rest
+    alone (the products replaced by ready-made outputs); and the compiled step (lmforge.fused) that
+    generation runs instead. Milliseconds per step, and the products' GB/s of weights read."""
     import lmforge.packed as packed
+    from lmforge.fused import decode_step_for
 
     cfg = model.cfg
     inner = packed.stream_linear
@@ -91,7 +94,7 @@ def step_breakdown(model: nn.Module, steps: int = 64, prompt: int = 32) -> dict:
             ready[key] = torch.zeros(*x.shape[:-1], w.shape[0])
         return ready[key]
 
-    def run(fn) -> float:
+    def run(fn, compiled=None) -> float:
         packed.stream_linear = fn
         try:
             cache = model.new_cache(1, prompt + steps + 1)
@@ -100,7 +103,10 @@ def step_breakdown(model: nn.Module, steps: int = 64, prompt: int = 32) -> dict:
             spent[0] = 0.0
             t0 = time.perf_counter()
             for _ in range(steps):
-                logits = model(tok, cache=cache, last_only=True)  # the cache advances itself
+                if compiled is not None:
+                    logits = compiled(tok[:, 0], cache)[:, None]
+                else:
+                    logits = model(tok, cache=cache, last_only=True)  # the cache advances itself
                 tok = logits[:, -1].argmax(-1, keepdim=True)
             return (time.perf_counter() - t0) / steps * 1e3
         finally:
@@ -109,8 +115,11 @@ def step_breakdown(model: nn.Module, steps: int = 64, prompt: int = 32) -> dict:
     step = run(timed)
     linear = spent[0] / steps * 1e3
     rest_alone = run(canned)
+    fused = decode_step_for(model)
+    compiled = run(inner, fused) if fused is not None else float("nan")
     nbytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, packed.StreamLinear))
-    return {"step": step, "linear": linear, "rest_alone": rest_alone, "gbps": nbytes / linear / 1e6}
+    return {"step": step, "linear": linear, "rest_alone": rest_alone, "gbps": nbytes / linear / 1e6,
+            "compiled": compiled, "compiled_gbps": nbytes / compiled / 1e6}
 
 
 @torch.inference_mode()
@@ -177,8 +186,13 @@ def main(argv=None) -> dict:
     gen = GenerateConfig(max_new_tokens=N, temperature=0.0)
     outs = {}
 
-    def ours(m=model, key="ours", rows=prompt):
-        outs[key] = generate_ids(m, rows.tolist(), gen, overflow="error")
+    def ours(m=model, key="ours", rows=prompt, compiled=True):
+        if not compiled:
+            os.environ["LMFORGE_FUSED_DECODE"] = "0"  # the model's forward for every step
+        try:
+            outs[key] = generate_ids(m, rows.tolist(), gen, overflow="error")
+        finally:
+            os.environ.pop("LMFORGE_FUSED_DECODE", None)
 
     @torch.inference_mode()
     def theirs():
@@ -196,7 +210,8 @@ def main(argv=None) -> dict:
     fns = {"lmforge fp32 b1": ours, "transformers generate b1": theirs,
            f"lmforge fp32 b{args.batch}": lambda: ours(key="b8", rows=prompts8),
            "lmforge int8 b1": lambda: ours(m=q8, key="q8"),
-           "lmforge fp32 b1, pack=False": lambda: ours(m=unpacked, key="plain"), "stream": stream}
+           "lmforge fp32 b1, pack=False": lambda: ours(m=unpacked, key="plain"),
+           "lmforge fp32 b1, model forward": lambda: ours(key="forward", compiled=False), "stream": stream}
     t = interleave(fns, rounds=args.rounds)
     same = outs["ours"] == outs["hf"]
     agree = sum(a == b for a, b in zip(outs["ours"][0], outs["hf"][0])) / N
@@ -208,7 +223,7 @@ def main(argv=None) -> dict:
     bound_fp32, bound_int8 = bandwidth / bytes_fp32, bandwidth / bytes_int8
     b1, hf_b1, b8, i8 = (tps["lmforge fp32 b1"], tps["transformers generate b1"], tps[f"lmforge fp32 b{args.batch}"],
                          tps["lmforge int8 b1"])
-    plain = tps["lmforge fp32 b1, pack=False"]
+    plain, forward = tps["lmforge fp32 b1, pack=False"], tps["lmforge fp32 b1, model forward"]
     print(f"machine: {machine()}; {threads} threads")
     print(f"model: GPT-2 {args.size} shape, {n_params / 1e6:.1f}M params, fp32; "
           f"prompt {P} tokens, {N} new tokens, greedy; {args.rounds} interleaved rounds (medians)")
@@ -226,12 +241,16 @@ def main(argv=None) -> dict:
         ["lmforge int8 vs int8 bandwidth bound", f"{i8:.1f} vs {bound_int8:.1f} tok/s", f"{i8 / bound_int8:.0%}", "(info)"],
         ["lmforge fp32 batch 1, packed vs pack=False", f"{b1:.1f} vs {plain:.1f} tok/s", f"{b1 / plain:.2f}x",
          "(info)"],
+        ["lmforge fp32 batch 1, compiled step vs model forward", f"{b1:.1f} vs {forward:.1f} tok/s",
+         f"{b1 / forward:.2f}x", "(info)"],
     ]
     if any(isinstance(m, StreamLinear) for m in model.modules()):
         parts = step_breakdown(model)
-        print(f"batch-1 step: {parts['step']:.1f} ms, of which {parts['linear']:.1f} ms in the linear products "
-              f"({parts['gbps']:.1f} GB/s of weights); the rest alone (products skipped): "
+        print(f"batch-1 step through the model's forward: {parts['step']:.1f} ms, of which {parts['linear']:.1f} ms "
+              f"in the linear products ({parts['gbps']:.1f} GB/s of weights); the rest alone (products skipped): "
               f"{parts['rest_alone']:.1f} ms")
+        print(f"batch-1 compiled step (lmforge.fused, what generation runs): {parts['compiled']:.2f} ms "
+              f"({parts['compiled_gbps']:.1f} GB/s of weights over the whole step)")
     model = hf = q8 = unpacked = None  # free their memory before the perplexity part
     # Perplexity, fp32 vs int8, on a trained model.
     from lmforge.checkpoint import load_checkpoint

@@ -161,7 +161,8 @@ def _plan_context(prompts: list[list[int]], max_new: int, block: int, overflow: 
 class _Batch:
     """Decode state of the rows still in the cache: left-padded prefill, key mask, positions."""
 
-    def __init__(self, model, contexts: list[list[int]], rows: list[int], capacity: int, device, pad_id: int):
+    def __init__(self, model, contexts: list[list[int]], rows: list[int], capacity: int, device, pad_id: int,
+                 fused=None):
         lens = [len(c) for c in contexts]
         L = max(lens)
         B = len(contexts)
@@ -173,6 +174,7 @@ class _Batch:
             idx_BL[r, L - len(c):] = torch.tensor(c, dtype=torch.long)
         idx_BL = idx_BL.to(device)
         self.cache = model.new_cache(B, capacity)
+        self.fused = fused  # lmforge.fused.DecodeStep, or None: the steps run the model's forward
         if self.padded:
             self.mask_BS = torch.ones(B, capacity, dtype=torch.bool, device=device)
             for r, n in enumerate(lens):
@@ -180,14 +182,20 @@ class _Batch:
             # Positions count real tokens only; padding slots get 0 (they are masked out anyway).
             pos_BL = (self.mask_BS[:, :L].long().cumsum(-1) - 1).clamp(min=0)
             self.next_pos_B1 = pos_BL[:, -1:] + 1
+            self.start_B = torch.tensor([L - n for n in lens], dtype=torch.long, device=device)
             logits = model(idx_BL, positions_BT=pos_BL, cache=self.cache, key_mask_BS=self.mask_BS[:, :L],
                            last_only=True)
         else:
-            self.mask_BS = self.next_pos_B1 = None
+            self.mask_BS = self.next_pos_B1 = self.start_B = None
             logits = model(idx_BL, cache=self.cache, last_only=True)
         self.logits_BV = logits[:, -1]
 
     def step(self, model, tok_B: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None and self.fused.applies(tok_B.shape[0], self.cache):
+            logits_BV = self.fused(tok_B, self.cache, self.next_pos_B1, self.start_B)
+            if self.padded:
+                self.next_pos_B1 = self.next_pos_B1 + 1
+            return logits_BV
         if self.padded:
             S = self.cache.length + 1
             logits = model(tok_B[:, None], positions_BT=self.next_pos_B1, cache=self.cache,
@@ -204,6 +212,7 @@ class _Batch:
         if self.padded:
             self.mask_BS = self.mask_BS.index_select(0, index)
             self.next_pos_B1 = self.next_pos_B1.index_select(0, index)
+            self.start_B = self.start_B.index_select(0, index)
         self.rows = [self.rows[r] for r in keep_rows]
         return index
 
@@ -247,7 +256,11 @@ def generate_ids_with_reasons(model, prompts: list[list[int]], cfg: GenerateConf
         # The last sampled token never enters the cache: L + left - 1 slots suffice.
         return max(1, min(block, max(ctx_lens) + left - 1))
 
-    batch = _Batch(model, prompts, list(range(n)), capacity([len(p) for p in prompts], max_new), device, pad_id)
+    from .fused import decode_step_for
+
+    fused = decode_step_for(model)  # the whole step compiled, where it applies (CPU, fp32 or int8)
+    batch = _Batch(model, prompts, list(range(n)), capacity([len(p) for p in prompts], max_new), device, pad_id,
+                   fused)
     logits_BV = batch.logits_BV
     done = [False] * n
     n_active = n  # rows not finished (some finished rows may still sit in the cache until compaction)
@@ -288,7 +301,7 @@ def generate_ids_with_reasons(model, prompts: list[list[int]], cfg: GenerateConf
             keep = max(1, block // 2)
             left = max_new - step - 1
             ctx = [(prompts[i] + outs[i])[-keep:] for i in batch.rows]
-            new = _Batch(model, ctx, batch.rows, capacity([len(c) for c in ctx], left), device, pad_id)
+            new = _Batch(model, ctx, batch.rows, capacity([len(c) for c in ctx], left), device, pad_id, fused)
             batch, logits_BV = new, new.logits_BV
         else:
             logits_BV = batch.step(model, tok_B)

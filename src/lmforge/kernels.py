@@ -43,7 +43,9 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("csrc") / "stream_linear.c", Path(__file__).with_name("csrc") / "gelu.c")
+_CSRC = Path(__file__).with_name("csrc")
+SOURCES = (_CSRC / "stream_linear.c", _CSRC / "gelu.c", _CSRC / "decode_step.c")
+HEADERS = (_CSRC / "kernels.h",)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi", "-shared", "-fPIC"]
 # The most rows the kernels take. fp32: at 32 rows the kernel still beat F.linear and came within 20% of
 # oneDNN's packed inner product (python -m bench.gemv --rows 1 8 32); beyond 64 the rows of x no longer
@@ -77,7 +79,7 @@ def kernel_dir() -> Path:
 
 
 def _build(compiler: str) -> Path:
-    source = b"".join(p.read_bytes() for p in SOURCES)
+    source = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     key = hashlib.sha256(source + " ".join([compiler] + FLAGS).encode() + _cpu_id().encode()).hexdigest()[:16]
     out = kernel_dir() / f"lmforge-cpu-{key}.so"
     if out.exists():
@@ -130,7 +132,7 @@ def load_kernel() -> Optional[ctypes.CDLL]:
         if os.environ.get("LMFORGE_CPU_KERNELS", "1") == "0":
             return None
         compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-        if compiler is None or not all(p.exists() for p in SOURCES):
+        if compiler is None or not all(p.exists() for p in SOURCES + HEADERS):
             log.info("lmforge.kernels: no C compiler; using torch's kernels")
             return None
         try:
@@ -140,6 +142,9 @@ def load_kernel() -> Optional[ctypes.CDLL]:
                 fn = getattr(lib, name)
                 fn.restype = None
                 fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_long] * sizes
+            lib.lmf_decode_step.restype = None  # checked against the model's forward by lmforge.fused
+            lib.lmf_decode_step.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
+                                            ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
             if not _self_test(lib):
                 log.warning("lmforge.kernels: the built kernels disagree with torch; not using them")
                 return None

@@ -8,11 +8,9 @@
  * 4, 2 and 1 rows of x take the rest, re-reading the block from cache). GCC's vector extensions keep it portable: -march=native turns v16 into AVX-512, AVX2 pairs
  * or NEON quads. Built by lmforge.kernels; the OpenMP runtime is the one torch has already loaded.
  */
-#include <stdint.h>
-#include <string.h>
+#include "kernels.h"
 
 typedef float v16 __attribute__((vector_size(64)));
-
 typedef int8_t c16 __attribute__((vector_size(16)));
 
 static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
@@ -49,7 +47,7 @@ static inline float hsum(v16 v) {
 /* R rows of W against MB rows of x: y[m, n0 + r]. K16 = K rounded down to a multiple of 16. */
 #define BLOCK(NAME, T, LOAD, R, MB)                                                                \
 static void NAME##_##R##_##MB(const T *W, const float *scale, const float *x, const float *b,     \
-                             float *y, long n0, long m0, long N, long K) {                       \
+                             float *y, long n0, long m0, long N, long K, int accumulate) {       \
     v16 acc[MB][R];                                                                               \
     memset(acc, 0, sizeof acc);                                                                   \
     const long K16 = K & ~15L;                                                                    \
@@ -67,11 +65,14 @@ static void NAME##_##R##_##MB(const T *W, const float *scale, const float *x, co
             float s = hsum(acc[m][r]);                                                            \
             for (long k = K16; k < K; k++) s += (float)w[r * K + k] * x[(m0 + m) * K + k];       \
             if (scale) s *= scale[n0 + r];                                                        \
-            y[(m0 + m) * N + n0 + r] = s + (b ? b[n0 + r] : 0.f);                                \
+            float v = s + (b ? b[n0 + r] : 0.f);                                                  \
+            float *out = y + (m0 + m) * N + n0 + r;                                               \
+            *out = accumulate ? *out + v : v;                                                     \
         }                                                                                         \
 }
 
-/* The whole product for one weight type: blocks of 8 rows for one row of x, of 3 rows otherwise. */
+/* The whole product for one weight type, shared among the threads of a team: blocks of 8 rows of W for
+ * one row of x, of 3 rows otherwise; the last N % R rows one by one, in the same loop. */
 #define LINEAR(NAME, T)                                                                            \
 BLOCK(NAME, T, LOAD_##NAME, 8, 1)                                                                 \
 BLOCK(NAME, T, LOAD_##NAME, 3, 8)                                                                 \
@@ -80,23 +81,25 @@ BLOCK(NAME, T, LOAD_##NAME, 3, 2)                                               
 BLOCK(NAME, T, LOAD_##NAME, 3, 1)                                                                 \
 BLOCK(NAME, T, LOAD_##NAME, 1, 1)                                                                 \
 static void NAME(const T *W, const float *scale, const float *x, const float *b, float *y,        \
-                 long M, long N, long K) {                                                        \
+                 long M, long N, long K, int acc) {                                               \
     const long R = M == 1 ? 8 : 3;                                                                \
-    const long blocks = N / R;                                                                    \
-    _Pragma("omp parallel for schedule(static)")                                                  \
-    for (long i = 0; i < blocks; i++) {                                                           \
-        long n0 = i * R, m = 0;                                                                   \
-        if (M == 1) {                                                                             \
-            NAME##_8_1(W, scale, x, b, y, n0, 0, N, K);                                           \
+    const long blocks = N / R, rest = N - blocks * R;                                             \
+    _Pragma("omp for schedule(static)")                                                           \
+    for (long i = 0; i < blocks + rest; i++) {                                                    \
+        if (i >= blocks) { /* one of the last N % R rows */                                       \
+            for (long m = 0; m < M; m++) NAME##_1_1(W, scale, x, b, y, blocks * R + i - blocks, m, N, K, acc); \
             continue;                                                                             \
         }                                                                                         \
-        for (; m + 8 <= M; m += 8) NAME##_3_8(W, scale, x, b, y, n0, m, N, K);                    \
-        if (m + 4 <= M) { NAME##_3_4(W, scale, x, b, y, n0, m, N, K); m += 4; }                   \
-        if (m + 2 <= M) { NAME##_3_2(W, scale, x, b, y, n0, m, N, K); m += 2; }                   \
-        if (m < M) NAME##_3_1(W, scale, x, b, y, n0, m, N, K);                                    \
+        long n0 = i * R, m = 0;                                                                   \
+        if (M == 1) {                                                                             \
+            NAME##_8_1(W, scale, x, b, y, n0, 0, N, K, acc);                                      \
+            continue;                                                                             \
+        }                                                                                         \
+        for (; m + 8 <= M; m += 8) NAME##_3_8(W, scale, x, b, y, n0, m, N, K, acc);               \
+        if (m + 4 <= M) { NAME##_3_4(W, scale, x, b, y, n0, m, N, K, acc); m += 4; }              \
+        if (m + 2 <= M) { NAME##_3_2(W, scale, x, b, y, n0, m, N, K, acc); m += 2; }              \
+        if (m < M) NAME##_3_1(W, scale, x, b, y, n0, m, N, K, acc);                               \
     }                                                                                             \
-    for (long n = blocks * R; n < N; n++) /* the last N % R rows */                               \
-        for (long m = 0; m < M; m++) NAME##_1_1(W, scale, x, b, y, n, m, N, K);                   \
 }
 
 #define LOAD_linear_f32 load16
@@ -104,11 +107,23 @@ static void NAME(const T *W, const float *scale, const float *x, const float *b,
 LINEAR(linear_f32, float)
 LINEAR(linear_i8, int8_t)
 
+void lmf_linear_f32_team(const float *W, const float *x, const float *b, float *y, long M, long N, long K,
+                         int accumulate) {
+    linear_f32(W, 0, x, b, y, M, N, K, accumulate);
+}
+
+void lmf_linear_i8_team(const int8_t *W, const float *scale, const float *x, const float *b, float *y, long M,
+                        long N, long K, int accumulate) {
+    linear_i8(W, scale, x, b, y, M, N, K, accumulate);
+}
+
 void lmf_stream_linear_f32(const float *W, const float *x, const float *b, float *y, long M, long N, long K) {
-    linear_f32(W, 0, x, b, y, M, N, K);
+    #pragma omp parallel
+    linear_f32(W, 0, x, b, y, M, N, K, 0);
 }
 
 void lmf_stream_linear_i8(const int8_t *W, const float *scale, const float *x, const float *b, float *y,
                           long M, long N, long K) {
-    linear_i8(W, scale, x, b, y, M, N, K);
+    #pragma omp parallel
+    linear_i8(W, scale, x, b, y, M, N, K, 0);
 }
