@@ -222,7 +222,7 @@ def test_gelu_kernel_matches_torch_forward_and_backward():
 
 
 @needs_kernel
-def test_use_cpu_kernels_swaps_gpt2_gelu_without_changing_the_model():
+def test_use_cpu_kernels_swaps_gelu_and_attention_without_changing_the_model(monkeypatch):
     model = _model(tie=True).train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randint(0, 97, (2, 20))
@@ -230,11 +230,51 @@ def test_use_cpu_kernels_swaps_gpt2_gelu_without_changing_the_model():
     want.sum().backward()
     want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    assert kernels.use_cpu_kernels(model) == 2 and kernels.use_cpu_kernels(model) == 0
+    assert kernels.use_cpu_kernels(model) == 4 and kernels.use_cpu_kernels(model) == 0
     assert sum(type(m) is kernels.KernelGELU for m in model.modules()) == 2
+    assert sum(type(m) is kernels.KernelAttention for m in model.modules()) == 2
+    calls = []
+    real = kernels._CausalAttention.apply
+    monkeypatch.setattr(kernels._CausalAttention, "apply", lambda *a: calls.append(1) or real(*a))
     got = model(x)
+    assert len(calls) == 2  # the kernel ran in both blocks
     got.sum().backward()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-3, atol=1e-5)
     assert list(model.state_dict()) == list(state)
+
+
+def _qkv_views(B, H, T, D, dtype=torch.float32, qkv=None):
+    """q, k, v as the model makes them: [B, H, T, D] views into one [B, T, 3, H, D] projection output."""
+    qkv = torch.randn(B, T, 3, H, D, dtype=dtype) if qkv is None else qkv
+    return [qkv[:, :, i].transpose(1, 2) for i in range(3)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("B,H,T,D", [(2, 3, 1, 16), (2, 3, 5, 32), (1, 2, 17, 64), (3, 4, 64, 32), (1, 2, 130, 48)])
+def test_causal_attention_kernel_matches_sdpa_forward_and_backward(B, H, T, D):
+    qkv = torch.randn(B, T, 3, H, D)
+    grad = torch.randn(B, H, T, D)
+    results = []
+    for fn in (kernels.causal_attention, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)):
+        leaf = qkv.clone().requires_grad_()
+        views = _qkv_views(B, H, T, D, qkv=leaf)
+        assert kernels.attention_applies(*views)
+        y = fn(*views)
+        y.backward(grad)
+        results.append((y.detach(), leaf.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_causal_attention_falls_back_where_the_kernel_does_not_apply():
+    for q, k, v in (_qkv_views(1, 2, 8, 24),  # head width not a multiple of 16
+                    _qkv_views(1, 1, kernels.MAX_ATTENTION_T + 1, 16),  # too long
+                    _qkv_views(1, 2, 8, 32, torch.bfloat16)):
+        assert not kernels.attention_applies(q, k, v)
+        torch.testing.assert_close(kernels.causal_attention(q, k, v),
+                                   F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    q, k, v = _qkv_views(1, 2, 8, 32)
+    assert not kernels.attention_applies(q, k[:, :, :4], v[:, :, :4])  # keys of another length (a cache)

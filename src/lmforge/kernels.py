@@ -41,10 +41,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .models.layers import ScaledDotProductAttention
+
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).with_name("csrc")
-SOURCES = (_CSRC / "stream_linear.c", _CSRC / "gelu.c", _CSRC / "decode_step.c")
+SOURCES = (_CSRC / "stream_linear.c", _CSRC / "gelu.c", _CSRC / "decode_step.c", _CSRC / "attention.c")
 HEADERS = (_CSRC / "kernels.h",)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi", "-shared", "-fPIC"]
 # The most rows the kernels take. fp32: at 32 rows the kernel still beat F.linear and came within 20% of
@@ -112,12 +114,24 @@ def _self_test(lib: ctypes.CDLL) -> bool:
         lib.lmf_stream_linear_i8(q.data_ptr(), scale.data_ptr(), x.data_ptr(), b.data_ptr(), y.data_ptr(), rows, n, k)
         if not torch.allclose(y, F.linear(x, q.float() * scale[:, None], b), rtol=1e-4, atol=1e-4):
             return False
+    q, k, v = torch.randn(3, 2, 3, 19, 16, generator=g).unbind(0)
+    o, lse = torch.empty_like(q), torch.empty(2, 3, 19)
+    st = [_Strides(*t.stride()[:3]) for t in (q, k, v, o)]
+    if lib.lmf_causal_attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
+                                    2, 3, 19, 16, *st, 0.25) != 0:
+        return False
+    if not torch.allclose(o, F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=1e-4, atol=1e-5):
+        return False
     x = torch.linspace(-12, 12, 1001)
     y, dx, g = torch.empty_like(x), torch.empty_like(x), torch.ones_like(x)
     lib.lmf_gelu_tanh_f32(x.data_ptr(), y.data_ptr(), x.numel())
     lib.lmf_gelu_tanh_backward_f32(g.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel())
     return (torch.allclose(y, F.gelu(x, approximate="tanh"), rtol=1e-5, atol=1e-6)
             and torch.allclose(dx, torch.ops.aten.gelu_backward(g, x, approximate="tanh"), rtol=1e-5, atol=1e-5))
+
+
+class _Strides(ctypes.Structure):
+    _fields_ = [("b", ctypes.c_long), ("h", ctypes.c_long), ("t", ctypes.c_long)]
 
 
 def load_kernel() -> Optional[ctypes.CDLL]:
@@ -142,6 +156,11 @@ def load_kernel() -> Optional[ctypes.CDLL]:
                 fn = getattr(lib, name)
                 fn.restype = None
                 fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_long] * sizes
+            for name, pointers, strides in (("lmf_causal_attention_fwd", 5, 4), ("lmf_causal_attention_bwd", 9, 8)):
+                fn = getattr(lib, name)
+                fn.restype = ctypes.c_int  # 0, or -1 when out of memory
+                fn.argtypes = ([ctypes.c_void_p] * pointers + [ctypes.c_long] * 4 + [_Strides] * strides
+                               + [ctypes.c_float])
             lib.lmf_decode_step.restype = None  # checked against the model's forward by lmforge.fused
             lib.lmf_decode_step.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
                                             ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
@@ -246,14 +265,20 @@ class KernelGELU(torch.nn.GELU):
 
 def use_cpu_kernels(model: torch.nn.Module) -> int:
     """Swap, in place, the modules of ``model`` that lmforge's CPU kernels compute faster (GPT-2's tanh
-    GELU) for their kernel versions: same function, no parameters, so checkpoints do not change. Returns
-    how many were swapped (0 where the kernels are not available)."""
+    GELU, causal self-attention) for their kernel versions: same functions, no parameters, so checkpoints
+    do not change. Returns how many were swapped (0 where the kernels are not available)."""
     if not kernel_available():
         return 0
-    found = [m for m in model.modules() if type(m) is torch.nn.GELU and m.approximate == "tanh"]
-    for m in found:
-        m.__class__ = KernelGELU
-    return len(found)
+    found = 0
+    for m in model.modules():
+        if type(m) is torch.nn.GELU and m.approximate == "tanh":
+            m.__class__ = KernelGELU
+        elif type(m) is ScaledDotProductAttention:
+            m.__class__ = KernelAttention
+        else:
+            continue
+        found += 1
+    return found
 
 
 _HUGE = 2 << 20
@@ -274,3 +299,74 @@ def hugepage_empty(numel: int) -> torch.Tensor:
     address = ctypes.addressof(ctypes.c_char.from_buffer(m))
     offset = (-address) % _HUGE  # start on a 2 MB boundary so whole huge pages fit
     return torch.frombuffer(m, dtype=torch.float32, count=numel, offset=offset)
+
+
+def _strides(t: torch.Tensor) -> _Strides:
+    return _Strides(*t.stride()[:3])
+
+
+def _bthd(B: int, H: int, T: int, D: int) -> torch.Tensor:
+    """An empty [B, H, T, D] tensor laid out as [B, T, H, D]: the layout the heads are joined back in."""
+    return torch.empty(B, T, H, D).transpose(1, 2)
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, H, T, D = q.shape
+        o, lse = _bthd(B, H, T, D), torch.empty(B, H, T)
+        scale = 1.0 / D ** 0.5
+        if _lib.lmf_causal_attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
+                                         B, H, T, D, _strides(q), _strides(k), _strides(v), _strides(o), scale):
+            raise MemoryError("causal_attention: out of memory")
+        ctx.save_for_backward(q, k, v, o, lse)
+        return o
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, o, lse = ctx.saved_tensors
+        B, H, T, D = q.shape
+        if grad.stride(-1) != 1:
+            grad = grad.contiguous()
+        dq, dk, dv = _bthd(B, H, T, D), _bthd(B, H, T, D), _bthd(B, H, T, D)
+        scale = 1.0 / D ** 0.5
+        if _lib.lmf_causal_attention_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
+                                         grad.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B, H, T, D,
+                                         *map(_strides, (q, k, v, o, grad, dq, dk, dv)), scale):
+            raise MemoryError("causal_attention: out of memory")
+        return dq, dk, dv
+
+
+# The longest sequence the attention kernel takes: it computes each score with a vector loop over the keys,
+# which beats torch's flash kernel on the short blocks of CPU training and loses to its blocked matrix
+# products on long ones (python -m bench.activations --attention).
+MAX_ATTENTION_T = 512
+
+
+def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``causal_attention`` takes these tensors: fp32 CPU [B, H, T, D] of one shape, T at most
+    ``MAX_ATTENTION_T``, each with a contiguous last dimension."""
+    return (q.dim() == 4 and q.shape == k.shape == v.shape and 0 < q.shape[2] <= MAX_ATTENTION_T
+            and q.shape[3] % 16 == 0
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in (q, k, v)))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` for fp32 CPU tensors [B, H, T, D] (the
+    same number of heads in each), forward and backward through lmforge's kernel where it applies
+    (``attention_applies``), else through torch's."""
+    lib = _lib if _tried else load_kernel()
+    if lib is None or not attention_applies(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return _CausalAttention.apply(q, k, v)
+
+
+class KernelAttention(ScaledDotProductAttention):
+    """A model's attention through ``causal_attention`` where that applies (plain causal self-attention
+    without a mask or dropout, on tensors ``attention_applies`` takes), else through torch's SDPA; made in
+    place by ``use_cpu_kernels``."""
+
+    def forward(self, q_BHTD, k_BHSD, v_BHSD, mask=None, dropout_p=0.0, is_causal=False):
+        if is_causal and mask is None and dropout_p == 0.0 and attention_applies(q_BHTD, k_BHSD, v_BHSD):
+            return causal_attention(q_BHTD, k_BHSD, v_BHSD)
+        return super().forward(q_BHTD, k_BHSD, v_BHSD, mask, dropout_p, is_causal)

@@ -186,6 +186,16 @@ class KVCache:
 # Attention
 
 
+class ScaledDotProductAttention(nn.Module):
+    """softmax(Q K^T / sqrt(D) + mask) V for all heads at once: torch's ``scaled_dot_product_attention``.
+    A module, so a faster CPU kernel can be swapped in from outside (lmforge.kernels.use_cpu_kernels)."""
+
+    def forward(self, q_BHTD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor,
+                mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0, is_causal: bool = False) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask, dropout_p=dropout_p,
+                                              is_causal=is_causal)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention, softmax(Q K^T / sqrt(D)) V per head, heads concatenated and projected
     by W^O (Vaswani et al. 2017). With fewer key/value heads than query heads it is grouped-query
@@ -206,6 +216,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
+        self.sdpa = ScaledDotProductAttention()
 
     def forward(self, x_BTC: torch.Tensor, *, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 mask: Optional[torch.Tensor] = None, is_causal: bool = True, cache: Optional[KVCache] = None,
@@ -241,8 +252,7 @@ class Attention(nn.Module):
             weights_BHTS = torch.softmax(scores_BHTS, dim=-1)
             y_BHTD = (F.dropout(weights_BHTS, dropout_p) @ v_BHSD.float()).to(q_BHTD.dtype)
         else:
-            y_BHTD = F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=mask, dropout_p=dropout_p,
-                                                    is_causal=is_causal and mask is None)
+            y_BHTD = self.sdpa(q_BHTD, k_BHSD, v_BHSD, mask, dropout_p, is_causal and mask is None)
         y_BTC = y_BHTD.transpose(1, 2).reshape(B, T, H * D)
         return self.resid_drop(self.proj(y_BTC)), weights_BHTS
 
