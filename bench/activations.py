@@ -1,8 +1,15 @@
-"""Why lmforge computes GPT-2's GELU itself on the CPU: torch's ``F.gelu(approximate="tanh")`` forward and
-backward against ``lmforge.kernels.gelu_tanh``, with torch's ``tanh`` and ``sigmoid`` alone for scale, on
-one MLP activation of the char training-step config (batch 12 x block 64 rows, 4 x 128 columns).
+"""Why lmforge computes GPT-2's GELU and causal attention itself on the CPU in training.
+
+GELU: torch's ``F.gelu(approximate="tanh")`` forward and backward against ``lmforge.kernels.gelu_tanh``,
+with torch's ``tanh`` and ``sigmoid`` alone for scale, on one MLP activation of the char training-step
+config (batch 12 x block 64 rows, 4 x 128 columns).
+Attention: ``F.scaled_dot_product_attention(is_causal=True)`` forward and backward against lmforge's kernel
+(``lmforge.kernels.causal_attention``) for B x H x T x D shapes: the char config's, the 124M training-step
+config's, and longer blocks, where the kernel stops paying (``MAX_ATTENTION_T``; it is timed past that limit
+here all the same).
 
     python -m bench.activations [--threads N] [--rows 768] [--cols 512] [--rounds 7]
+                                [--attention 12x4x64x32 4x12x128x64 1x12x512x64 1x12x1024x64]
 """
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ def main(argv=None) -> list[list]:
     ap.add_argument("--rows", type=int, default=768)
     ap.add_argument("--cols", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--attention", nargs="*", default=["12x4x64x32", "4x12x128x64", "1x12x512x64", "1x12x1024x64"],
+                    help="B x H x T x D shapes of causal attention to time (none: skip)")
     args = ap.parse_args(argv)
     from lmforge.kernels import gelu_tanh, kernel_available
 
@@ -56,6 +65,37 @@ def main(argv=None) -> list[list]:
         rows.append([f"{b} vs {a}", "", f"{t[a] / t[b]:.2f}x faster"])
     table(f"GELU on a {args.rows}x{args.cols} fp32 activation, {threads} threads",
           ["what", "us per call", "ns per element"], rows)
+    if args.attention:
+        rows += attention_rows(args.attention, args.rounds, threads)
+    return rows
+
+
+def attention_rows(shapes: list[str], rounds: int, threads: int) -> list[list]:
+    """Causal attention, forward + backward, on [B, H, T, D] views of one fused q/k/v projection (the
+    layout the model gives it): torch's SDPA against lmforge's kernel, interleaved per shape."""
+    from lmforge.kernels import MAX_ATTENTION_T, _CausalAttention
+
+    rows = []
+    for shape in shapes:
+        B, H, T, D = (int(v) for v in shape.lower().split("x"))
+        qkv = torch.randn(B, T, 3, H, D)
+        g = torch.randn(B, H, T, D)
+        reps = max(1, 2_000_000 // (B * H * T * T * D // 64 + 1))
+
+        def step(fn):
+            def run():
+                for _ in range(reps):
+                    leaf = qkv.clone().requires_grad_()
+                    fn(*(leaf[:, :, i].transpose(1, 2) for i in range(3))).backward(g)
+            return run
+
+        t = interleave({"sdpa": step(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+                        "kernel": step(_CausalAttention.apply)}, rounds=rounds)
+        note = "" if T <= MAX_ATTENTION_T else f" (past MAX_ATTENTION_T={MAX_ATTENTION_T}: SDPA is used)"
+        rows.append([f"{B}x{H}x{T}x{D}{note}", f"{t['sdpa'] / reps * 1e6:.0f}", f"{t['kernel'] / reps * 1e6:.0f}",
+                     f"{t['sdpa'] / t['kernel']:.2f}x"])
+    table(f"Causal attention forward + backward, fp32, {threads} threads",
+          ["B x H x T x D", "SDPA us", "lmforge kernel us", "kernel speed-up"], rows)
     return rows
 
 

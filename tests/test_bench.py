@@ -116,6 +116,9 @@ def test_activations_bench_smoke(capsys):
 
     if not kernel_available():
         pytest.skip("lmforge's CPU kernels could not be built")
-    rows = activations.main(["--rows", "16", "--cols", "32", "--rounds", "1"])
+    rows = activations.main(["--rows", "16", "--cols", "32", "--rounds", "1", "--attention"])
     assert rows[-1][2].endswith("x faster") and float(rows[0][1]) >= 0
     assert "GELU on a 16x32" in capsys.readouterr().out
+    rows = activations.main(["--rows", "16", "--cols", "32", "--rounds", "1", "--attention", "1x2x8x16"])
+    assert rows[-1][0] == "1x2x8x16" and rows[-1][3].endswith("x")
+    assert "Causal attention forward + backward" in capsys.readouterr().out

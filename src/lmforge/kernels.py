@@ -339,7 +339,7 @@ class _CausalAttention(torch.autograd.Function):
 
 # The longest sequence the attention kernel takes: it computes each score with a vector loop over the keys,
 # which beats torch's flash kernel on the short blocks of CPU training and loses to its blocked matrix
-# products on long ones (python -m bench.activations --attention).
+# products on long ones (python -m bench.activations).
 MAX_ATTENTION_T = 512
 
 
