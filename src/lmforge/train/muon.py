@@ -15,19 +15,25 @@ from ..config import OptimConfig
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """Approximate U V^T of G = U S V^T by a quintic Newton-Schulz iteration. The coefficients
     (3.4445, -4.7750, 2.0315) are the published ones: they push singular values towards ~1 fast,
-    trading exactness for speed, which the method shows is harmless."""
+    trading exactness for speed, which the method shows is harmless. ``g`` is one matrix [m, n] or a
+    stack of matrices of one shape [k, m, n], orthogonalized each on its own (one batched product per
+    stage instead of one per matrix: the optimizer's cost on small models is mostly per-call overhead)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.float()
-    transposed = x.shape[0] > x.shape[1]
+    single = x.dim() == 2
+    if single:
+        x = x.unsqueeze(0)
+    transposed = x.shape[-2] > x.shape[-1]
     if transposed:
-        x = x.T
-    x = x / (x.norm() + 1e-7)
+        x = x.mT
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)  # Frobenius norm of each matrix
     for _ in range(steps):
-        xxt = x @ x.T
-        x = a * x + (b * xxt + c * xxt @ xxt) @ x
+        xxt = torch.bmm(x, x.mT)
+        poly = torch.baddbmm(xxt, xxt, xxt, beta=b, alpha=c)  # b X X^T + c (X X^T)^2
+        x = torch.baddbmm(x, poly, x, beta=a)  # a X + poly X
     if transposed:
-        x = x.T
-    return x.to(g.dtype)
+        x = x.mT
+    return (x[0] if single else x).to(g.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -39,38 +45,49 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
+            if group["muon"]:
+                self._muon_step(group)
+                continue
             lr, wd = group["lr"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if group["muon"]:
-                    if not state:
-                        state["momentum"] = torch.zeros_like(p)
-                    buf = state["momentum"]
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-                    update = orthogonalize(update)
-                    # Scale so the update's RMS does not depend on the matrix's aspect ratio.
-                    update *= max(1.0, p.shape[0] / p.shape[1]) ** 0.5
-                    if wd:
-                        p.mul_(1 - lr * wd)
-                    p.add_(update, alpha=-lr)
-                else:
-                    beta1, beta2 = group["betas"]
-                    if not state:
-                        state["step"] = torch.zeros((), dtype=torch.float32)
-                        state["exp_avg"] = torch.zeros_like(p)
-                        state["exp_avg_sq"] = torch.zeros_like(p)
-                    state["step"] += 1
-                    t = state["step"].item()
-                    state["exp_avg"].lerp_(p.grad, 1 - beta1)
-                    state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                    denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
-                    if wd:
-                        p.mul_(1 - lr * wd)
-                    p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+                beta1, beta2 = group["betas"]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"].item()
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
         return None
+
+    def _muon_step(self, group: dict) -> None:
+        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        by_shape: dict[tuple, list] = {}  # matrices of one shape are orthogonalized together
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["momentum"] = torch.zeros_like(p)
+            buf = state["momentum"]
+            buf.mul_(mu).add_(p.grad)
+            by_shape.setdefault((tuple(p.shape), p.dtype, p.device), []).append((p, p.grad.add(buf, alpha=mu)))
+        for (shape, _, _), items in by_shape.items():
+            updates = orthogonalize(torch.stack([u for _, u in items]))  # Nesterov momentum, orthogonalized
+            # Scale so the update's RMS does not depend on the matrix's aspect ratio.
+            updates *= max(1.0, shape[0] / shape[1]) ** 0.5
+            for (p, _), update in zip(items, updates):
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-lr)
 
 
 def build_muon(model: nn.Module, cfg: OptimConfig) -> Muon:
