@@ -229,6 +229,10 @@ def test_muon_orthogonalizes_and_trains():
     o = orthogonalize(g)
     s = torch.linalg.svdvals(o)
     assert s.max() < 1.3 and s.min() > 0.5  # singular values pushed towards 1
+    stack = torch.stack([g, 3 * torch.randn(32, 64), g.roll(1, 0)])  # one batched call, each on its own
+    for got, one in zip(orthogonalize(stack), stack):
+        torch.testing.assert_close(got, orthogonalize(one), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(orthogonalize(g.T), o.T, rtol=1e-5, atol=1e-5)  # tall matrices via the transpose
     from lmforge.models.decoder import DecoderLM
     from lmforge.train.optim import build_optimizer
 
