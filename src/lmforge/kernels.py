@@ -10,8 +10,11 @@ registers, which streamed GPT-2's matrices at 34-45 GB/s on a 2-core Zen 4 where
 docs/benchmarks.md).
 
 ``gelu_tanh`` is GPT-2's GELU, forward and backward, for training and inference: torch's CPU ``tanh`` is
-slow, and the kernel computes the same function through one exp (``python -m bench.activations``).
-``use_cpu_kernels(model)`` swaps it in from the outside.
+slow, and the kernel computes the same function through one exp. ``causal_attention`` is causal
+self-attention, forward and backward, for the short fp32 blocks of CPU training and prefill (up to
+``MAX_ATTENTION_T`` positions; ``python -m bench.activations`` times both against torch's).
+``use_cpu_kernels(model)`` swaps both in from the outside. The same library holds a whole decoding step
+of a decoder (``csrc/decode_step.c``), which ``lmforge.fused`` describes the model to.
 
 The sources are compiled once per CPU model with ``-O3 -march=native -fopenmp`` into
 ``~/.cache/lmforge/kernels`` (``LMFORGE_KERNEL_DIR`` moves it) and loaded with ctypes; the library's OpenMP
