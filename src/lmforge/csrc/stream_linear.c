@@ -3,10 +3,10 @@
  *
  * With one to a few rows the product is bound by how fast W streams from memory, not by arithmetic. Each
  * thread takes a contiguous band of W's rows; within it, blocks of R rows are read once, while R x MB dot
- * products accumulate in vector registers: one row of x against 8 rows of W, or up to 8 rows of x against
- * 3 rows of W (24 accumulators: the most that fit AVX-512's 32 registers beside the operands; groups of
- * 4, 2 and 1 rows of x take the rest, re-reading the block from cache). GCC's vector extensions keep it portable: -march=native turns v16 into AVX-512, AVX2 pairs
- * or NEON quads. Built by lmforge.kernels; the OpenMP runtime is the one torch has already loaded.
+ * products accumulate in vector registers: one row of x against 16 rows of W (8 for int8), or up to 8 rows
+ * of x against 3 rows of W (24 accumulators: the most that fit AVX-512's 32 registers beside the operands;
+ * groups of 4, 2 and 1 rows of x take the rest, re-reading the block from cache). GCC's vector extensions
+ * keep it portable: -march=native turns v16 into AVX-512, AVX2 pairs or NEON quads. Built by lmforge.kernels; the OpenMP runtime is the one torch has already loaded.
  */
 #include "kernels.h"
 
@@ -71,10 +71,10 @@ static void NAME##_##R##_##MB(const T *W, const float *scale, const float *x, co
         }                                                                                         \
 }
 
-/* The whole product for one weight type, shared among the threads of a team: blocks of 8 rows of W for
+/* The whole product for one weight type, shared among the threads of a team: blocks of R1 rows of W for
  * one row of x, of 3 rows otherwise; the last N % R rows one by one, in the same loop. */
-#define LINEAR(NAME, T)                                                                            \
-BLOCK(NAME, T, LOAD_##NAME, 8, 1)                                                                 \
+#define LINEAR(NAME, T, R1)                                                                        \
+BLOCK(NAME, T, LOAD_##NAME, R1, 1)                                                                \
 BLOCK(NAME, T, LOAD_##NAME, 3, 8)                                                                 \
 BLOCK(NAME, T, LOAD_##NAME, 3, 4)                                                                 \
 BLOCK(NAME, T, LOAD_##NAME, 3, 2)                                                                 \
@@ -82,7 +82,7 @@ BLOCK(NAME, T, LOAD_##NAME, 3, 1)                                               
 BLOCK(NAME, T, LOAD_##NAME, 1, 1)                                                                 \
 static void NAME(const T *W, const float *scale, const float *x, const float *b, float *y,        \
                  long M, long N, long K, int acc) {                                               \
-    const long R = M == 1 ? 8 : 3;                                                                \
+    const long R = M == 1 ? R1 : 3;                                                               \
     const long blocks = N / R, rest = N - blocks * R;                                             \
     _Pragma("omp for schedule(static)")                                                           \
     for (long i = 0; i < blocks + rest; i++) {                                                    \
@@ -92,7 +92,7 @@ static void NAME(const T *W, const float *scale, const float *x, const float *b,
         }                                                                                         \
         long n0 = i * R, m = 0;                                                                   \
         if (M == 1) {                                                                             \
-            NAME##_8_1(W, scale, x, b, y, n0, 0, N, K, acc);                                      \
+            NAME##_##R1##_1(W, scale, x, b, y, n0, 0, N, K, acc);                                 \
             continue;                                                                             \
         }                                                                                         \
         for (; m + 8 <= M; m += 8) NAME##_3_8(W, scale, x, b, y, n0, m, N, K, acc);               \
@@ -104,8 +104,10 @@ static void NAME(const T *W, const float *scale, const float *x, const float *b,
 
 #define LOAD_linear_f32 load16
 #define LOAD_linear_i8 load16_i8
-LINEAR(linear_f32, float)
-LINEAR(linear_i8, int8_t)
+/* One row of x: 16 rows of W read side by side for fp32 (more concurrent streams keep more memory reads in
+ * flight; 24 or 32 spill registers), 8 for int8, whose conversions need the registers (docs/benchmarks.md). */
+LINEAR(linear_f32, float, 16)
+LINEAR(linear_i8, int8_t, 8)
 
 void lmf_linear_f32_team(const float *W, const float *x, const float *b, float *y, long M, long N, long K,
                          int accumulate) {
