@@ -3,12 +3,22 @@
  *
  * With one to a few rows the product is bound by how fast W streams from memory, not by arithmetic. Each
  * thread takes a contiguous band of W's rows; within it, blocks of R rows are read once, while R x MB dot
- * products accumulate in vector registers: one row of x against 16 rows of W (8 for int8), or up to 8 rows
- * of x against 3 rows of W (24 accumulators: the most that fit AVX-512's 32 registers beside the operands;
- * groups of 4, 2 and 1 rows of x take the rest, re-reading the block from cache). GCC's vector extensions
- * keep it portable: -march=native turns v16 into AVX-512, AVX2 pairs or NEON quads. Built by lmforge.kernels; the OpenMP runtime is the one torch has already loaded.
+ * products accumulate in vector registers: one row of x against 16 rows of W (8 for int8), or 4 rows of x
+ * at a time against 6 rows of W (groups of 2 and 1 rows take the rest; every group after the first re-reads
+ * the block from cache). Each block's rows are read side by side, so several streams of W are in flight.
+ * GCC's vector extensions keep it portable: -march=native turns v16 into AVX-512, AVX2 pairs or NEON quads.
+ * Built by lmforge.kernels; the OpenMP runtime is the one torch has already loaded.
  */
 #include "kernels.h"
+
+/* Blocks for several rows of x: RM rows of W against MBX rows of x (24 accumulators: the most that fit
+ * AVX-512's 32 registers beside the operands), 6 streams of W in flight. */
+#define RM 6
+#define MBX 4
+/* int8 rows are short streams (768 bytes for GPT-2 small), too short for the hardware prefetcher to ramp
+ * up on: the block PREFETCH_BLOCKS ahead is fetched by software while this one is computed. fp32 rows did
+ * not gain from it (docs/benchmarks.md). */
+#define PREFETCH_BLOCKS 2
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int8_t c16 __attribute__((vector_size(16)));
@@ -45,7 +55,17 @@ static inline float hsum(v16 v) {
 }
 
 /* R rows of W against MB rows of x: y[m, n0 + r]. K16 = K rounded down to a multiple of 16. */
-#define BLOCK(NAME, T, LOAD, R, MB)                                                                \
+/* The bytes of the block PREFETCH_BLOCKS ahead (blocks of `block` bytes) that match [at, at + n) of this
+ * one. Past the end of W a prefetch is a hint to nothing: it never faults. */
+static inline void prefetch_ahead(const void *w, long block, long at, int n) {
+    const char *ahead = (const char *)w + PREFETCH_BLOCKS * block + at;
+    for (int l = 0; l < n; l += 64) __builtin_prefetch(ahead + l);
+}
+
+#define CAT_(a, b, c) a##_##b##_##c
+#define CAT(a, b, c) CAT_(a, b, c)
+#define BLOCK(NAME, T, LOAD, R, MB) BLOCK_(NAME, T, LOAD, R, MB)
+#define BLOCK_(NAME, T, LOAD, R, MB)                                                                \
 static void NAME##_##R##_##MB(const T *W, const float *scale, const float *x, const float *b,     \
                              float *y, long n0, long m0, long N, long K, int accumulate) {       \
     v16 acc[MB][R];                                                                               \
@@ -53,6 +73,13 @@ static void NAME##_##R##_##MB(const T *W, const float *scale, const float *x, co
     const long K16 = K & ~15L;                                                                    \
     const T *w = W + n0 * K;                                                                      \
     for (long k = 0; k < K16; k += 16) {                                                          \
+        if (MB == 1) { /* each weight vector is used once: load, convert and multiply in turn */   \
+            v16 xv = load16(x + m0 * K + k);                                                     \
+            if (sizeof(T) == 1) prefetch_ahead(w, R * K, k * R, R * 16);                         \
+            for (int r = 0; r < R; r++) acc[0][r] += LOAD(w + r * K + k) * xv;                   \
+            continue;                                                                             \
+        }                                                                                         \
+        if (sizeof(T) == 1) prefetch_ahead(w, R * K, k * R, R * 16);                             \
         v16 wv[R];                                                                                \
         for (int r = 0; r < R; r++) wv[r] = LOAD(w + r * K + k);                                  \
         for (int m = 0; m < MB; m++) {                                                            \
@@ -79,19 +106,18 @@ static inline int crowded(long row_bytes) {
 }
 
 /* The whole product for one weight type, shared among the threads of a team: blocks of R1 (16 or 8) rows
- * of W for one row of x, 8 where 16 would crowd the cache; of 3 rows otherwise; the last N % R rows one by
+ * of W for one row of x, 8 where 16 would crowd the cache; of RM rows otherwise; the last N % R rows one by
  * one, in the same loop. */
 #define LINEAR(NAME, T, R1)                                                                        \
 BLOCK(NAME, T, LOAD_##NAME, 16, 1)                                                                \
 BLOCK(NAME, T, LOAD_##NAME, 8, 1)                                                                 \
-BLOCK(NAME, T, LOAD_##NAME, 3, 8)                                                                 \
-BLOCK(NAME, T, LOAD_##NAME, 3, 4)                                                                 \
-BLOCK(NAME, T, LOAD_##NAME, 3, 2)                                                                 \
-BLOCK(NAME, T, LOAD_##NAME, 3, 1)                                                                 \
+BLOCK(NAME, T, LOAD_##NAME, RM, MBX)                                                              \
+BLOCK(NAME, T, LOAD_##NAME, RM, 2)                                                                \
+BLOCK(NAME, T, LOAD_##NAME, RM, 1)                                                                \
 BLOCK(NAME, T, LOAD_##NAME, 1, 1)                                                                 \
 static void NAME(const T *W, const float *scale, const float *x, const float *b, float *y,        \
                  long M, long N, long K, int acc) {                                               \
-    const long R = M > 1 ? 3 : (R1 == 16 && !crowded(K * (long)sizeof(T)) ? 16 : 8);            \
+    const long R = M > 1 ? RM : (R1 == 16 && !crowded(K * (long)sizeof(T)) ? 16 : 8);            \
     const long blocks = N / R, rest = N - blocks * R;                                             \
     _Pragma("omp for schedule(static)")                                                           \
     for (long i = 0; i < blocks + rest; i++) {                                                    \
@@ -105,10 +131,9 @@ static void NAME(const T *W, const float *scale, const float *x, const float *b,
             else NAME##_8_1(W, scale, x, b, y, n0, 0, N, K, acc);                                 \
             continue;                                                                             \
         }                                                                                         \
-        for (; m + 8 <= M; m += 8) NAME##_3_8(W, scale, x, b, y, n0, m, N, K, acc);               \
-        if (m + 4 <= M) { NAME##_3_4(W, scale, x, b, y, n0, m, N, K, acc); m += 4; }              \
-        if (m + 2 <= M) { NAME##_3_2(W, scale, x, b, y, n0, m, N, K, acc); m += 2; }              \
-        if (m < M) NAME##_3_1(W, scale, x, b, y, n0, m, N, K, acc);                               \
+        for (; m + MBX <= M; m += MBX) CAT(NAME, RM, MBX)(W, scale, x, b, y, n0, m, N, K, acc);   \
+        for (; m + 2 <= M; m += 2) CAT(NAME, RM, 2)(W, scale, x, b, y, n0, m, N, K, acc);         \
+        if (m < M) CAT(NAME, RM, 1)(W, scale, x, b, y, n0, m, N, K, acc);                         \
     }                                                                                             \
 }
 
