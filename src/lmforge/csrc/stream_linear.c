@@ -15,10 +15,11 @@
  * AVX-512's 32 registers beside the operands), 6 streams of W in flight. */
 #define RM 6
 #define MBX 4
-/* int8 rows are short streams (768 bytes for GPT-2 small), too short for the hardware prefetcher to ramp
- * up on: the block PREFETCH_BLOCKS ahead is fetched by software while this one is computed. fp32 rows did
- * not gain from it (docs/benchmarks.md). */
-#define PREFETCH_BLOCKS 2
+/* Software prefetch, measured with python -m bench.gemv (docs/benchmarks.md). int8 rows are short streams
+ * (768 bytes for GPT-2 small), too short for the hardware prefetcher to ramp up on: the block two ahead is
+ * fetched into L1 while this one is computed. With several rows of x the first group of rows computes
+ * while the next block of W is fetched into L2; the other groups then find their block in cache. fp32 with
+ * one row of x did not gain from either. */
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int8_t c16 __attribute__((vector_size(16)));
@@ -55,11 +56,16 @@ static inline float hsum(v16 v) {
 }
 
 /* R rows of W against MB rows of x: y[m, n0 + r]. K16 = K rounded down to a multiple of 16. */
-/* The bytes of the block PREFETCH_BLOCKS ahead (blocks of `block` bytes) that match [at, at + n) of this
- * one. Past the end of W a prefetch is a hint to nothing: it never faults. */
-static inline void prefetch_ahead(const void *w, long block, long at, int n) {
-    const char *ahead = (const char *)w + PREFETCH_BLOCKS * block + at;
-    for (int l = 0; l < n; l += 64) __builtin_prefetch(ahead + l);
+/* Bytes [at, at + n) of the block `blocks` ahead of w (blocks of `block` bytes), into L1 or into L2. Past
+ * the end of W a prefetch is a hint to nothing: it never faults. */
+static inline void prefetch_l1(const void *w, long blocks, long block, long at, long n) {
+    const char *ahead = (const char *)w + blocks * block + at;
+    for (long l = 0; l < n; l += 64) __builtin_prefetch(ahead + l, 0, 3);
+}
+
+static inline void prefetch_l2(const void *w, long blocks, long block, long at, long n) {
+    const char *ahead = (const char *)w + blocks * block + at;
+    for (long l = 0; l < n; l += 64) __builtin_prefetch(ahead + l, 0, 1);
 }
 
 #define CAT_(a, b, c) a##_##b##_##c
@@ -75,11 +81,12 @@ static void NAME##_##R##_##MB(const T *W, const float *scale, const float *x, co
     for (long k = 0; k < K16; k += 16) {                                                          \
         if (MB == 1) { /* each weight vector is used once: load, convert and multiply in turn */   \
             v16 xv = load16(x + m0 * K + k);                                                     \
-            if (sizeof(T) == 1) prefetch_ahead(w, R * K, k * R, R * 16);                         \
+            if (sizeof(T) == 1) prefetch_l1(w, 2, R * K, k * R, R * 16);                         \
             for (int r = 0; r < R; r++) acc[0][r] += LOAD(w + r * K + k) * xv;                   \
             continue;                                                                             \
         }                                                                                         \
-        if (sizeof(T) == 1) prefetch_ahead(w, R * K, k * R, R * 16);                             \
+        if (sizeof(T) == 1) prefetch_l1(w, 2, R * K, k * R, R * 16);                             \
+        else if (m0 == 0) prefetch_l2(w, 1, R * K * 4, k * R * 4, R * 64);                        \
         v16 wv[R];                                                                                \
         for (int r = 0; r < R; r++) wv[r] = LOAD(w + r * K + k);                                  \
         for (int m = 0; m < MB; m++) {                                                            \
