@@ -11,10 +11,6 @@
  */
 #include "kernels.h"
 
-/* Blocks for several rows of x: RM rows of W against MBX rows of x (24 accumulators: the most that fit
- * AVX-512's 32 registers beside the operands), 6 streams of W in flight. */
-#define RM 6
-#define MBX 4
 /* Software prefetch, measured with python -m bench.gemv (docs/benchmarks.md). int8 rows are short streams
  * (768 bytes for GPT-2 small), too short for the hardware prefetcher to ramp up on: the block two ahead is
  * fetched into L1 while this one is computed. With several rows of x the first group of rows computes
@@ -68,10 +64,7 @@ static inline void prefetch_l2(const void *w, long blocks, long block, long at, 
     for (long l = 0; l < n; l += 64) __builtin_prefetch(ahead + l, 0, 1);
 }
 
-#define CAT_(a, b, c) a##_##b##_##c
-#define CAT(a, b, c) CAT_(a, b, c)
-#define BLOCK(NAME, T, LOAD, R, MB) BLOCK_(NAME, T, LOAD, R, MB)
-#define BLOCK_(NAME, T, LOAD, R, MB)                                                                \
+#define BLOCK(NAME, T, LOAD, R, MB)                                                                \
 static void NAME##_##R##_##MB(const T *W, const float *scale, const float *x, const float *b,     \
                              float *y, long n0, long m0, long N, long K, int accumulate) {       \
     v16 acc[MB][R];                                                                               \
@@ -113,15 +106,9 @@ static inline int crowded(long row_bytes) {
 }
 
 /* The whole product for one weight type, shared among the threads of a team: blocks of R1 (16 or 8) rows
- * of W for one row of x, 8 where 16 would crowd the cache; of RM rows otherwise; the last N % R rows one by
- * one, in the same loop. */
-#define LINEAR(NAME, T, R1)                                                                        \
-BLOCK(NAME, T, LOAD_##NAME, 16, 1)                                                                \
-BLOCK(NAME, T, LOAD_##NAME, 8, 1)                                                                 \
-BLOCK(NAME, T, LOAD_##NAME, RM, MBX)                                                              \
-BLOCK(NAME, T, LOAD_##NAME, RM, 2)                                                                \
-BLOCK(NAME, T, LOAD_##NAME, RM, 1)                                                                \
-BLOCK(NAME, T, LOAD_##NAME, 1, 1)                                                                 \
+ * of W for one row of x, 8 where 16 would crowd the cache; for several rows of x, blocks of RM rows of W
+ * against MBX rows of x at a time (then 4, 2 and 1); the last N % R rows one by one, in the same loop. */
+#define LINEAR(NAME, T, R1, RM, MBX)                                                               \
 static void NAME(const T *W, const float *scale, const float *x, const float *b, float *y,        \
                  long M, long N, long K, int acc) {                                               \
     const long R = M > 1 ? RM : (R1 == 16 && !crowded(K * (long)sizeof(T)) ? 16 : 8);            \
@@ -138,9 +125,10 @@ static void NAME(const T *W, const float *scale, const float *x, const float *b,
             else NAME##_8_1(W, scale, x, b, y, n0, 0, N, K, acc);                                 \
             continue;                                                                             \
         }                                                                                         \
-        for (; m + MBX <= M; m += MBX) CAT(NAME, RM, MBX)(W, scale, x, b, y, n0, m, N, K, acc);   \
-        for (; m + 2 <= M; m += 2) CAT(NAME, RM, 2)(W, scale, x, b, y, n0, m, N, K, acc);         \
-        if (m < M) CAT(NAME, RM, 1)(W, scale, x, b, y, n0, m, N, K, acc);                         \
+        for (; m + MBX <= M; m += MBX) NAME##_##RM##_##MBX(W, scale, x, b, y, n0, m, N, K, acc);  \
+        if (MBX > 4 && m + 4 <= M) { NAME##_##RM##_4(W, scale, x, b, y, n0, m, N, K, acc); m += 4; } \
+        for (; m + 2 <= M; m += 2) NAME##_##RM##_2(W, scale, x, b, y, n0, m, N, K, acc);          \
+        if (m < M) NAME##_##RM##_1(W, scale, x, b, y, n0, m, N, K, acc);                          \
     }                                                                                             \
 }
 
@@ -148,9 +136,19 @@ static void NAME(const T *W, const float *scale, const float *x, const float *b,
 #define LOAD_linear_i8 load16_i8
 /* One row of x: 16 rows of W read side by side for fp32 (more concurrent streams keep more memory reads in
  * flight; 24 or 32 spill registers) unless the rows crowd the L1 sets, 8 for int8, whose conversions need
- * the registers. */
-LINEAR(linear_f32, float, 16)
-LINEAR(linear_i8, int8_t, 8)
+ * the registers. Several rows: 3 rows of W x 8 of x for fp32 (24 accumulators: the most that fit AVX-512's
+ * 32 registers beside the operands; one pass over each block), 6 x 4 for int8 (more streams in flight; the
+ * second group of 4 rows converts the block again from cache). Measured with python -m bench.gemv. */
+#define BLOCKS(NAME, T, RM)                                                                        \
+    BLOCK(NAME, T, LOAD_##NAME, 16, 1) BLOCK(NAME, T, LOAD_##NAME, 8, 1)                          \
+    BLOCK(NAME, T, LOAD_##NAME, 1, 1) BLOCK(NAME, T, LOAD_##NAME, RM, 2) BLOCK(NAME, T, LOAD_##NAME, RM, 1)
+BLOCKS(linear_f32, float, 3)
+BLOCK(linear_f32, float, LOAD_linear_f32, 3, 8)
+BLOCK(linear_f32, float, LOAD_linear_f32, 3, 4)
+LINEAR(linear_f32, float, 16, 3, 8)
+BLOCKS(linear_i8, int8_t, 6)
+BLOCK(linear_i8, int8_t, LOAD_linear_i8, 6, 4)
+LINEAR(linear_i8, int8_t, 8, 6, 4)
 
 void lmf_linear_f32_team(const float *W, const float *x, const float *b, float *y, long M, long N, long K,
                          int accumulate) {
