@@ -13,9 +13,9 @@
 
 /* Software prefetch, measured with python -m bench.gemv (docs/benchmarks.md). int8 rows are short streams
  * (768 bytes for GPT-2 small), too short for the hardware prefetcher to ramp up on: the block two ahead is
- * fetched into L1 while this one is computed. With several rows of x the first group of rows computes
- * while the next block of W is fetched into L2; the other groups then find their block in cache. fp32 with
- * one row of x did not gain from either. */
+ * fetched into L1 while this one is computed. fp32: the next block of W is fetched into L2 while the first
+ * group of rows of x computes with this one (the other groups find their block in cache); fetching into
+ * L1 instead made it slower. */
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int8_t c16 __attribute__((vector_size(16)));
@@ -75,6 +75,7 @@ static void NAME##_##R##_##MB(const T *W, const float *scale, const float *x, co
         if (MB == 1) { /* each weight vector is used once: load, convert and multiply in turn */   \
             v16 xv = load16(x + m0 * K + k);                                                     \
             if (sizeof(T) == 1) prefetch_l1(w, 2, R * K, k * R, R * 16);                         \
+            else if (m0 == 0) prefetch_l2(w, 1, R * K * 4, k * R * 4, R * 64);                   \
             for (int r = 0; r < R; r++) acc[0][r] += LOAD(w + r * K + k) * xv;                   \
             continue;                                                                             \
         }                                                                                         \
