@@ -55,7 +55,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi",
 # The most rows the kernels take. fp32: at 32 rows the kernel still beat F.linear and came within 20% of
 # oneDNN's packed inner product (python -m bench.gemv --rows 1 8 32); beyond 64 the rows of x no longer
 # stay in the L2 cache while it streams W, and F.linear (BLAS gemm, blocked for caches) takes over. int8
-# converts the weights again for every 8 rows of x, so it stops at decoding-sized products.
+# converts the weights again for every 4 rows of x, so it stops at decoding-sized products.
 MAX_ROWS = 64
 MAX_ROWS_INT8 = 16
 
