@@ -5,8 +5,8 @@ prefills); ``stream_linear_int8`` the same with an int8 weight and one fp32 scal
 (lmforge.quantize), converting the weights to fp32 in registers. Such a product reads every weight once
 and does two flops per weight read, so its speed is the speed at which the weights stream from memory; the
 kernel gives each thread a contiguous band of rows and keeps every output of a block of rows in vector
-registers, which streamed GPT-2's matrices at 34-45 GB/s on a 2-core Zen 4 where torch's one-row
-``F.linear`` got 12-17 and oneDNN's packed inner product 20-32 (one run of ``python -m bench.gemv``,
+registers, which streamed GPT-2's matrices at 42-53 GB/s on a 2-core Zen 4 where torch's one-row
+``F.linear`` got 13-18 and oneDNN's packed inner product 21-35 (one run of ``python -m bench.gemv``,
 docs/benchmarks.md).
 
 ``gelu_tanh`` is GPT-2's GELU, forward and backward, for training and inference: torch's CPU ``tanh`` is
