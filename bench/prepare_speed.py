@@ -7,8 +7,8 @@ The default corpus is synthetic English: tinyshakespeare's lines shuffled and re
 variation) to ``--mb`` MB. Such text repeats few distinct words, which flatters lmforge's BPE encoder (it
 caches the ids of each whitespace-delimited unit), so ``--corpus docstrings`` runs on real English without
 repetition (every docstring of the Python standard library, about 20 MB), and ``--corpus FILE`` on a text
-file of your own; ``--mb`` is ignored for both. The command itself (``python -m lmforge prepare``) runs in a child process, as a user runs
-it. Throughput per core is input MB divided by the CPU seconds of that process and its tokenizer workers
+file of your own; ``--mb`` is ignored for both. The command itself (``python -m lmforge prepare``) runs in
+a child process, as a user runs it. Throughput per core is input MB divided by the CPU seconds of that process and its tokenizer workers
 (CPU time rather than wall time, because the machine may be shared); the wall-clock rate is printed too.
 Memory is sampled every 0.2 s over the whole process tree: the peak of the summed RSS (which counts pages
 that the forked workers share with their parent once per process, so it over-states) and the peak of the

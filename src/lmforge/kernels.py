@@ -119,9 +119,8 @@ def _self_test(lib: ctypes.CDLL) -> bool:
             return False
     q, k, v = torch.randn(3, 2, 3, 19, 16, generator=g).unbind(0)
     o, lse = torch.empty_like(q), torch.empty(2, 3, 19)
-    st = [_Strides(*t.stride()[:3]) for t in (q, k, v, o)]
     if lib.lmf_causal_attention_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), lse.data_ptr(),
-                                    2, 3, 19, 16, *st, 0.25) != 0:
+                                    2, 3, 19, 16, *map(_strides, (q, k, v, o)), 0.25) != 0:
         return False
     if not torch.allclose(o, F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=1e-4, atol=1e-5):
         return False
@@ -340,9 +339,9 @@ class _CausalAttention(torch.autograd.Function):
         return dq, dk, dv
 
 
-# The longest sequence the attention kernel takes: it computes each score with a vector loop over the keys,
-# which beats torch's flash kernel on the short blocks of CPU training and loses to its blocked matrix
-# products on long ones (python -m bench.activations).
+# The longest sequence the attention kernel takes: it beats torch's flash kernel on the short blocks of CPU
+# training, and past 512 positions, where its packed keys no longer stay in the L2 cache, loses to SDPA's
+# blocked matrix products (python -m bench.activations).
 MAX_ATTENTION_T = 512
 
 
@@ -365,11 +364,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 
 class KernelAttention(ScaledDotProductAttention):
-    """A model's attention through ``causal_attention`` where that applies (plain causal self-attention
-    without a mask or dropout, on tensors ``attention_applies`` takes), else through torch's SDPA; made in
-    place by ``use_cpu_kernels``."""
+    """A model's attention through ``causal_attention`` for plain causal self-attention without a mask or
+    dropout (which itself keeps SDPA for tensors the kernel does not take), else through torch's SDPA; made
+    in place by ``use_cpu_kernels``."""
 
     def forward(self, q_BHTD, k_BHSD, v_BHSD, mask=None, dropout_p=0.0, is_causal=False):
-        if is_causal and mask is None and dropout_p == 0.0 and attention_applies(q_BHTD, k_BHSD, v_BHSD):
+        if is_causal and mask is None and dropout_p == 0.0:
             return causal_attention(q_BHTD, k_BHSD, v_BHSD)
         return super().forward(q_BHTD, k_BHSD, v_BHSD, mask, dropout_p, is_causal)

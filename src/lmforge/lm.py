@@ -56,7 +56,7 @@ def prepare_for_inference(model, quantize: str = "none", pack: bool = True):
     if (pack or quantize != "none") and p is not None and p.device.type == "cpu":
         from .kernels import use_cpu_kernels
 
-        use_cpu_kernels(model)  # GPT-2's GELU through lmforge's kernel (fp32 inputs; others fall back)
+        use_cpu_kernels(model)  # GPT-2's GELU and causal attention (prefill) through lmforge's kernels
     return model
 
 

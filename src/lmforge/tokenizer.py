@@ -419,8 +419,8 @@ class _UnitEncoder:
 
     JOIN_CHARS = 32 << 10
     # Above this many new units per unit in a batch (text with few repeats, like random strings or hashes)
-    # the cache costs more than it saves: the next SKIP_CALLS calls go to the plain pipeline, then it looks
-    # again. Break-even measured at about 0.4 (new units cost ~1.4x, hits ~0.45x the pipeline per unit).
+    # the cache costs more than it saves (a new unit costs more than the plain pipeline, a cached one much
+    # less): the next SKIP_CALLS calls go to the plain pipeline, then it looks again.
     MAX_NEW = 0.3
     SKIP_CALLS = 8
 

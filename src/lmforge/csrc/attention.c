@@ -4,8 +4,9 @@
  * Each (batch, head) pair is one task for one thread. Within it, blocks of 4 query rows attend to the key
  * rows up to the block's last row, so the masked half of the scores is mostly never computed. Every product
  * keeps its 4-row block of results in vector registers: the scores take 16 keys at a time from K^T (K
- * transposed once per task), the outputs 16 of the D columns at a time. D must be a multiple of 16. The forward keeps each row's log-sum-exp; the backward recomputes the probabilities from
- * it rather than storing the T x T matrix (as flash attention does, Dao et al. 2022):
+ * transposed once per task), the outputs 16 of the D columns at a time. D must be a multiple of 16. The
+ * forward keeps each row's log-sum-exp; the backward recomputes the probabilities from it rather than
+ * storing the T x T matrix (as flash attention does, Dao et al. 2022):
  *
  *     P = exp(S - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),
  *     dQ = scale dS K,   dK = scale dS^T Q.
@@ -40,16 +41,16 @@ static void scores(const float *a, long as, long rows, const float *xt, long n, 
     }
 }
 
-/* out[r][:] (+)= sum_{j < n} p[r][j] x_j for rows r < rows; x_j rows of D at stride xs. */
+/* out[r][:] = sum_{j < n} p[r][j] x_j for rows r < rows; x_j rows of D at stride xs. */
 static void mix(const float *p, long T16, long rows, long n, const float *x, long xs, long D, float *out,
-                long os, int accumulate) {
+                long os) {
     for (long c = 0; c < D; c += 16) {
         v16 acc[R] = {0};
         for (long j = 0; j < n; j++) {
             v16 w = ld(x + j * xs + c);
             for (long r = 0; r < R; r++) acc[r] += p[r * T16 + j] * w;
         }
-        for (long r = 0; r < rows; r++) st(out + r * os + c, accumulate ? ld(out + r * os + c) + acc[r] : acc[r]);
+        for (long r = 0; r < rows; r++) st(out + r * os + c, acc[r]);
     }
 }
 
@@ -96,6 +97,16 @@ static void probabilities(float *s, long T16, long i0, long rows, long n, float 
         for (long j = 0; j < n; j++) s[r * T16 + j] = 0.0f;
 }
 
+/* Each thread's scratch of n floats, or NULL (and *failed set) when out of memory; freed by the caller. */
+static float *thread_scratch(long n, int *failed) {
+    float *p = malloc(sizeof(float) * n);
+    if (!p) {
+        #pragma omp atomic write
+        *failed = 1;
+    }
+    return p;
+}
+
 /* o and lse get the output and each row's log-sum-exp ([B, H, T], contiguous). Returns 0, or -1 when out of
  * memory. */
 int lmf_causal_attention_fwd(const float *q, const float *k, const float *v, float *o, float *lse, long B,
@@ -105,11 +116,7 @@ int lmf_causal_attention_fwd(const float *q, const float *k, const float *v, flo
     int failed = 0;
     #pragma omp parallel
     {
-        float *kt = malloc(sizeof(float) * (D * T16 + R * T16));
-        if (!kt) {
-            #pragma omp atomic write
-            failed = 1;
-        }
+        float *kt = thread_scratch(D * T16 + R * T16, &failed);
         #pragma omp for schedule(static)
         for (long task = 0; task < B * H; task++) {
             if (!kt) continue;
@@ -121,7 +128,7 @@ int lmf_causal_attention_fwd(const float *q, const float *k, const float *v, flo
                 const long rows = T - i0 < R ? T - i0 : R, n = i0 + rows;
                 scores(Q + i0 * qs.t, qs.t, rows, kt, n, T16, D, scale, s);
                 probabilities(s, T16, i0, rows, n, L, 1);
-                mix(s, T16, rows, n, V, vs.t, D, O + i0 * os.t, os.t, 0);
+                mix(s, T16, rows, n, V, vs.t, D, O + i0 * os.t, os.t);
             }
         }
         free(kt);
@@ -138,11 +145,7 @@ int lmf_causal_attention_bwd(const float *q, const float *k, const float *v, con
     #pragma omp parallel
     {
         /* K^T and V^T, then a block's probabilities and dS; dK and dV accumulate in the outputs. */
-        float *kt = malloc(sizeof(float) * (2 * D * T16 + 2 * R * T16));
-        if (!kt) {
-            #pragma omp atomic write
-            failed = 1;
-        }
+        float *kt = thread_scratch(2 * D * T16 + 2 * R * T16, &failed);
         #pragma omp for schedule(static)
         for (long task = 0; task < B * H; task++) {
             if (!kt) continue;
@@ -168,7 +171,7 @@ int lmf_causal_attention_bwd(const float *q, const float *k, const float *v, con
                 }
                 for (long r = rows; r < R; r++)
                     for (long j = 0; j < n; j++) ds[r * T16 + j] = 0.0f;
-                mix(ds, T16, rows, n, K, ks.t, D, dQ + i0 * dqs.t, dqs.t, 0); /* dQ = dS K */
+                mix(ds, T16, rows, n, K, ks.t, D, dQ + i0 * dqs.t, dqs.t);    /* dQ = dS K */
                 mix_t(ds, T16, rows, n, Q + i0 * qs.t, qs.t, D, dK, dks.t);   /* dK += dS^T Q */
                 mix_t(p, T16, rows, n, G + i0 * gs.t, gs.t, D, dV, dvs.t);    /* dV += P^T dO */
             }

@@ -130,10 +130,7 @@ void lmf_decode_step(const lmf_model *m, long B, const int64_t *tokens, const in
         #pragma omp for schedule(static)
         for (long b = 0; b < B; b++) {
             const float *e = m->tok_emb + tokens[b] * C, *p = m->pos_emb ? m->pos_emb + pos[b] * C : 0;
-            for (long i = 0; i < C; i++) {
-                float v = m->emb_scale == 1.0f ? e[i] : e[i] * m->emb_scale;
-                x[b * C + i] = p ? v + p[i] : v;
-            }
+            for (long i = 0; i < C; i++) x[b * C + i] = p ? e[i] * m->emb_scale + p[i] : e[i] * m->emb_scale;
         }
         for (long layer = 0; layer < m->n_layers; layer++) {
             const lmf_layer *L = &m->layers[layer];
@@ -169,12 +166,10 @@ void lmf_decode_step(const lmf_model *m, long B, const int64_t *tokens, const in
             #pragma omp for schedule(static)
             for (long i = 0; i < B * F; i++) {
                 long b = i / F, j = i % F;
-                if (m->mlp == MLP_SWIGLU) { /* fc1 rows: gate, then up */
-                    float gt = ff[b * FF + j];
-                    mlp_out[i] = gt / (1.0f + expf(-gt)) * ff[b * FF + F + j];
-                } else {
+                if (m->mlp == MLP_SWIGLU) /* fc1 rows: gate, then up */
+                    mlp_out[i] = activate(ff[b * FF + j], MLP_SILU) * ff[b * FF + F + j];
+                else
                     ff[i] = activate(ff[i], m->mlp);
-                }
             }
             lin(&L->fc2, mlp_out, x, B, 1);
         }

@@ -3,19 +3,12 @@
  *
  * With one to a few rows the product is bound by how fast W streams from memory, not by arithmetic. Each
  * thread takes a contiguous band of W's rows; within it, blocks of R rows are read once, while R x MB dot
- * products accumulate in vector registers: one row of x against 16 rows of W (8 for int8), or 4 rows of x
- * at a time against 6 rows of W (groups of 2 and 1 rows take the rest; every group after the first re-reads
- * the block from cache). Each block's rows are read side by side, so several streams of W are in flight.
+ * products accumulate in vector registers (block shapes at the end of the file). Each block's rows are read
+ * side by side, so several streams of W are in flight, and software prefetch fetches the blocks ahead.
  * GCC's vector extensions keep it portable: -march=native turns v16 into AVX-512, AVX2 pairs or NEON quads.
  * Built by lmforge.kernels; the OpenMP runtime is the one torch has already loaded.
  */
 #include "kernels.h"
-
-/* Software prefetch, measured with python -m bench.gemv (docs/benchmarks.md). int8 rows are short streams
- * (768 bytes for GPT-2 small), too short for the hardware prefetcher to ramp up on: the block two ahead is
- * fetched into L1 while this one is computed. fp32: the next block of W is fetched into L2 while the first
- * group of rows of x computes with this one (the other groups find their block in cache); fetching into
- * L1 instead made it slower. */
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef int8_t c16 __attribute__((vector_size(16)));
@@ -51,7 +44,6 @@ static inline float hsum(v16 v) {
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-/* R rows of W against MB rows of x: y[m, n0 + r]. K16 = K rounded down to a multiple of 16. */
 /* Bytes [at, at + n) of the block `blocks` ahead of w (blocks of `block` bytes), into L1 or into L2. Past
  * the end of W a prefetch is a hint to nothing: it never faults. */
 static inline void prefetch_l1(const void *w, long blocks, long block, long at, long n) {
@@ -64,6 +56,12 @@ static inline void prefetch_l2(const void *w, long blocks, long block, long at, 
     for (long l = 0; l < n; l += 64) __builtin_prefetch(ahead + l, 0, 1);
 }
 
+/* R rows of W against MB rows of x: y[m, n0 + r]. K16 = K rounded down to a multiple of 16. Software
+ * prefetch (measured with python -m bench.gemv, docs/benchmarks.md): int8 rows are short streams (768 bytes
+ * for GPT-2 small), too short for the hardware prefetcher to ramp up on, so the block two ahead is fetched
+ * into L1 while this one is computed; for fp32 the next block is fetched into L2 while the first group of
+ * rows of x (m0 == 0) computes with this one, and the other groups find their block in cache (fetching
+ * into L1 instead was slower). */
 #define BLOCK(NAME, T, LOAD, R, MB)                                                                \
 static void NAME##_##R##_##MB(const T *W, const float *scale, const float *x, const float *b,     \
                              float *y, long n0, long m0, long N, long K, int accumulate) {       \
@@ -72,15 +70,13 @@ static void NAME##_##R##_##MB(const T *W, const float *scale, const float *x, co
     const long K16 = K & ~15L;                                                                    \
     const T *w = W + n0 * K;                                                                      \
     for (long k = 0; k < K16; k += 16) {                                                          \
+        if (sizeof(T) == 1) prefetch_l1(w, 2, R * K, k * R, R * 16);                             \
+        else if (m0 == 0) prefetch_l2(w, 1, R * K * 4, k * R * 4, R * 64);                        \
         if (MB == 1) { /* each weight vector is used once: load, convert and multiply in turn */   \
             v16 xv = load16(x + m0 * K + k);                                                     \
-            if (sizeof(T) == 1) prefetch_l1(w, 2, R * K, k * R, R * 16);                         \
-            else if (m0 == 0) prefetch_l2(w, 1, R * K * 4, k * R * 4, R * 64);                   \
             for (int r = 0; r < R; r++) acc[0][r] += LOAD(w + r * K + k) * xv;                   \
             continue;                                                                             \
         }                                                                                         \
-        if (sizeof(T) == 1) prefetch_l1(w, 2, R * K, k * R, R * 16);                             \
-        else if (m0 == 0) prefetch_l2(w, 1, R * K * 4, k * R * 4, R * 64);                        \
         v16 wv[R];                                                                                \
         for (int r = 0; r < R; r++) wv[r] = LOAD(w + r * K + k);                                  \
         for (int m = 0; m < MB; m++) {                                                            \
@@ -101,7 +97,7 @@ static void NAME##_##R##_##MB(const T *W, const float *scale, const float *x, co
 
 /* Whether rows of this many bytes, read 16 side by side, would fall into a few L1 sets: with 64-byte lines
  * and 64 sets (32-48 KB L1s), rows a multiple of 2 KB apart share at most 2 sets, more streams than their
- * ways hold (fc2's 3072-wide rows ran 18% slower with 16 than with 8; 768-wide rows 8-22% faster). */
+ * ways hold (GPT-2's fc2, 3072 wide, ran slower with 16 rows than with 8; the 768-wide matrices faster). */
 static inline int crowded(long row_bytes) {
     return row_bytes % 64 == 0 && (row_bytes / 64) % 32 == 0;
 }
@@ -122,7 +118,7 @@ static void NAME(const T *W, const float *scale, const float *x, const float *b,
         }                                                                                         \
         long n0 = i * R, m = 0;                                                                   \
         if (M == 1) {                                                                             \
-            if (R == 16) NAME##_16_1(W, scale, x, b, y, n0, 0, N, K, acc);                        \
+            if (R == R1) NAME##_##R1##_1(W, scale, x, b, y, n0, 0, N, K, acc);                    \
             else NAME##_8_1(W, scale, x, b, y, n0, 0, N, K, acc);                                 \
             continue;                                                                             \
         }                                                                                         \
@@ -141,9 +137,10 @@ static void NAME(const T *W, const float *scale, const float *x, const float *b,
  * 32 registers beside the operands; one pass over each block), 6 x 4 for int8 (more streams in flight; the
  * second group of 4 rows converts the block again from cache). Measured with python -m bench.gemv. */
 #define BLOCKS(NAME, T, RM)                                                                        \
-    BLOCK(NAME, T, LOAD_##NAME, 16, 1) BLOCK(NAME, T, LOAD_##NAME, 8, 1)                          \
-    BLOCK(NAME, T, LOAD_##NAME, 1, 1) BLOCK(NAME, T, LOAD_##NAME, RM, 2) BLOCK(NAME, T, LOAD_##NAME, RM, 1)
+    BLOCK(NAME, T, LOAD_##NAME, 8, 1) BLOCK(NAME, T, LOAD_##NAME, 1, 1)                           \
+    BLOCK(NAME, T, LOAD_##NAME, RM, 2) BLOCK(NAME, T, LOAD_##NAME, RM, 1)
 BLOCKS(linear_f32, float, 3)
+BLOCK(linear_f32, float, LOAD_linear_f32, 16, 1)
 BLOCK(linear_f32, float, LOAD_linear_f32, 3, 8)
 BLOCK(linear_f32, float, LOAD_linear_f32, 3, 4)
 LINEAR(linear_f32, float, 16, 3, 8)

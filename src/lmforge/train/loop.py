@@ -183,7 +183,7 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
         from .memory import keep_freed_memory
 
         keep_freed_memory()
-        use_cpu_kernels(task.model)  # GPT-2's GELU through lmforge's kernel: same function, faster
+        use_cpu_kernels(task.model)  # GPT-2's GELU and causal attention through lmforge's kernels: same functions
     model = D.wrap_model(task.model.to(device), info, tcfg, device, dtype)
     plain = unwrap(task.model)
     model.train()

@@ -17,7 +17,7 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     (3.4445, -4.7750, 2.0315) are the published ones: they push singular values towards ~1 fast,
     trading exactness for speed, which the method shows is harmless. ``g`` is one matrix [m, n] or a
     stack of matrices of one shape [k, m, n], orthogonalized each on its own (one batched product per
-    stage instead of one per matrix: the optimizer's cost on small models is mostly per-call overhead)."""
+    stage instead of one per matrix: on small models much of the optimizer's cost is per-call overhead)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.float()
     single = x.dim() == 2
