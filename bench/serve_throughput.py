@@ -1,9 +1,9 @@
 """Serving throughput: aggregate generated tokens/s of `lmforge serve` at several client concurrencies, and
 the ratio of concurrency 8 to concurrency 1 (continuous batching should make it well above 1; target >= 3).
 
-    python -m bench.serve_throughput [--model CKPT] [--size llama-tiny|tiny] [--concurrency 1 2 4 8 16]
+    python -m bench.serve_throughput [--model CKPT] [--size llama-tiny|tiny|gpt2-124m] [--concurrency 1 2 4 8 16]
                                      [--requests 4] [--max-tokens 64] [--rounds 3] [--threads N]
-                                     [--max-batch 8] [--no-batch-invariant] [--stream]
+                                     [--max-batch 8] [--no-batch-invariant] [--stream] [--compare-forward]
 
 Without --model, a random-weight model of the named size is built with a byte-level BPE tokenizer (the
 speed of a forward does not depend on the weights' values). The server runs in its own process on
@@ -11,6 +11,10 @@ speed of a forward does not depend on the weights' values). The server runs in i
 completions one after another (max_tokens fixed, ignore_eos, so every request generates the same number
 of tokens). Rounds are interleaved (C=1, C=2, ..., then rotated) and the median per concurrency is
 reported. All traffic stays on loopback and every request has a timeout.
+
+The server decodes through the compiled step (lmforge.fused) where it applies. --compare-forward starts a
+second server with it turned off (LMFORGE_FUSED_DECODE=0: every step through the model's forward), takes
+turns between the two in every round, and prints the ratio per concurrency.
 """
 from __future__ import annotations
 
@@ -26,14 +30,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from .common import DATA_TEXT, machine, set_threads, table, verdict
 
-SIZES = {
-    "tiny": dict(n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, block_size=256),
-    "llama-tiny": {},  # the preset as it is (2.9M parameters)
+SIZES = {  # preset and changes to it; the vocabulary is always the trained tokenizer's (1024)
+    "tiny": ("llama-tiny", dict(n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, block_size=256)),
+    "llama-tiny": ("llama-tiny", {}),  # the preset as it is (2.9M parameters)
+    "gpt2-124m": ("gpt2-124m", {}),  # GPT-2 small's blocks (85M parameters) and a small vocabulary
 }
 
 
@@ -45,16 +51,17 @@ def build_model(size: str, out: Path) -> Path:
 
     text = DATA_TEXT.read_text(encoding="utf-8")[:200_000] if DATA_TEXT.is_file() else "To be, or not to be.\n" * 500
     tok = Tokenizer.train_from_iterator([text], "bpe", vocab_size=1024, min_frequency=2)
-    cfg = dataclasses.replace(get_preset("llama-tiny"), vocab_size=tok.vocab_size, **SIZES[size])
+    preset, changes = SIZES[size]
+    cfg = dataclasses.replace(get_preset(preset), vocab_size=tok.vocab_size, **changes)
     torch.manual_seed(0)
     return save_checkpoint(out, build(cfg), tokenizer=tok)
 
 
 class Server:
-    def __init__(self, model: Path, args: list[str]):
+    def __init__(self, model: Path, args: list[str], env: Optional[dict] = None):
         self.proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(model), "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
         self.url, self.lines = None, []
         ready = threading.Event()
 
@@ -116,6 +123,8 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--no-batch-invariant", action="store_true")
     ap.add_argument("--stream", action="store_true", help="stream the answers (server-sent events)")
+    ap.add_argument("--compare-forward", action="store_true",
+                    help="also serve without the compiled step and print the ratio")
     args = ap.parse_args()
     import httpx
 
@@ -127,30 +136,47 @@ def main() -> None:
                  "--default-max-tokens", limit]
         if args.no_batch_invariant:
             flags.append("--no-batch-invariant")
-        server = Server(model, flags)
+        kinds = {"compiled step": {}}
+        if args.compare_forward:
+            kinds["model forward"] = {"LMFORGE_FUSED_DECODE": "0"}
+        servers: dict[str, Server] = {}
         try:
+            for kind, env in kinds.items():
+                servers[kind] = Server(model, flags, env)
             limits = httpx.Limits(max_connections=max(args.concurrency) + 4)
             with httpx.Client(limits=limits) as client:
-                run_load(client, server.url, 2, 1, 8, args.stream, 99)  # warm-up
-                rates: dict[int, list[float]] = {c: [] for c in args.concurrency}
-                order = list(args.concurrency)
+                for server in servers.values():
+                    run_load(client, server.url, 2, 1, 8, args.stream, 99)  # warm-up
+                rates = {k: {c: [] for c in args.concurrency} for k in servers}
+                order, names = list(args.concurrency), list(servers)
                 for r in range(args.rounds):
                     for c in order[r % len(order):] + order[: r % len(order)]:
-                        rates[c].append(run_load(client, server.url, c, args.requests, args.max_tokens, args.stream, r))
-                health = client.get(server.url + "/health", timeout=30).json()
+                        for k in names[r % len(names):] + names[: r % len(names)]:
+                            rates[k][c].append(run_load(client, servers[k].url, c, args.requests, args.max_tokens,
+                                                        args.stream, r))
+                health = {k: client.get(s.url + "/health", timeout=30).json() for k, s in servers.items()}
         finally:
-            server.stop()
-    med = {c: statistics.median(v) for c, v in rates.items()}
-    base = med.get(1) or next(iter(med.values()))
+            for server in servers.values():
+                server.stop()
     print(f"\nmachine: {machine()}")
     print(f"model: {args.model or args.size + ' (random weights)'}; server: {' '.join(flags)}; "
           f"{'streamed' if args.stream else 'non-streamed'} completions of {args.max_tokens} tokens, "
-          f"{args.requests} per client per round, {args.rounds} rounds; tokens per decode step over the run: "
-          f"{health['tokens'] / max(1, health['steps']):.2f}")
-    table("Aggregate throughput", ["concurrency", "tokens/s (median)", "rounds", "vs concurrency 1"],
-          [[c, f"{med[c]:.0f}", " ".join(f"{x:.0f}" for x in rates[c]), f"{med[c] / base:.2f}x"] for c in med])
-    if 1 in med and 8 in med:
-        ratio = med[8] / med[1]
+          f"{args.requests} per client per round, {args.rounds} rounds")
+    med = {k: {c: statistics.median(v) for c, v in rates[k].items()} for k in rates}
+    for k in med:
+        h = health[k]
+        print(f"\n{k}: the server reports compiled_step={h.get('compiled_step')}; tokens per decode step over "
+              f"the run: {h['tokens'] / max(1, h['steps']):.2f}")
+        base = med[k].get(1) or next(iter(med[k].values()))
+        table(f"Aggregate throughput ({k})", ["concurrency", "tokens/s (median)", "rounds", "vs concurrency 1"],
+              [[c, f"{m:.0f}", " ".join(f"{x:.0f}" for x in rates[k][c]), f"{m / base:.2f}x"]
+               for c, m in med[k].items()])
+    if "model forward" in med:
+        table("Compiled step vs model forward", ["concurrency", "ratio of medians"],
+              [[c, f"{med['compiled step'][c] / med['model forward'][c]:.2f}x"] for c in args.concurrency])
+    ours = med["compiled step"]
+    if 1 in ours and 8 in ours:
+        ratio = ours[8] / ours[1]
         print(f"\nconcurrency 8 / concurrency 1 = {ratio:.2f}x (target >= 3): {verdict(ratio, 3.0)}")
 
 

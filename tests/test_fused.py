@@ -138,3 +138,42 @@ def test_full_cache_and_out_of_range_inputs_are_refused():
             step(torch.tensor([1]), cache, positions_B=torch.tensor([64]))
         assert cache.length == 0  # nothing was written
         assert not step.applies(2, cache)  # a cache for one row
+
+
+def test_rows_with_their_own_lengths_match_the_forward_and_refuse_bad_slots():
+    """``rows`` (the server's slot cache): each row writes at its own slot and sees only its own slots; it
+    gives what the forward gives for that row alone, and bad slots, starts and buffers write nothing."""
+    model = model_for("llama")
+    step = decode_step_for(model)
+    lens, cap = [5, 2, 9], 16
+    shape = (3, model.cfg.kv_heads, cap, model.cfg.hd)
+    k = [torch.zeros(shape) for _ in range(model.cfg.n_layers)]
+    v = [torch.zeros(shape) for _ in range(model.cfg.n_layers)]
+    with torch.inference_mode():
+        prompts = [torch.randint(0, 211, (1, n)) for n in lens]
+        singles = []
+        for r, p in enumerate(prompts):
+            c = model.new_cache(1, cap)
+            model(p, cache=c)
+            for layer in range(model.cfg.n_layers):
+                k[layer][r, :, : lens[r]] = c.k[layer][0, :, : lens[r]]
+                v[layer][r, :, : lens[r]] = c.v[layer][0, :, : lens[r]]
+            singles.append(c)
+        tok = torch.tensor([3, 14, 15])
+        end = torch.tensor(lens)
+        for _ in range(3):
+            got = step.rows(tok, k, v, end_B=end)
+            want = torch.cat([model(tok[r].view(1, 1), cache=singles[r], last_only=True)[:, -1] for r in range(3)])
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            tok, end = want.argmax(-1), end + 1
+        before = [t.clone() for t in k + v]
+        for kw, match in ((dict(end_B=torch.tensor([1, 2, cap])), "cache slot"),
+                          (dict(end_B=torch.tensor([1, 2, 3]), start_B=torch.tensor([0, 3, 0])), "first visible"),
+                          (dict(end_B=torch.tensor([1, 2])), "one entry per row")):
+            with pytest.raises(ValueError, match=match):
+                step.rows(tok, k, v, **kw)
+        with pytest.raises(ValueError, match="layers"):
+            step.rows(tok, k[:1], v[:1], end_B=end)
+        with pytest.raises(ValueError, match="contiguous fp32"):
+            step.rows(tok, [t[:, :, :8] for t in k], v, end_B=end)
+        assert all(torch.equal(a, b) for a, b in zip(before, k + v))

@@ -25,6 +25,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from lmforge import kernels  # noqa: E402
 from lmforge.checkpoint import save_checkpoint  # noqa: E402
 from lmforge.config import ModelConfig, ServeConfig  # noqa: E402
 from lmforge.models.decoder import DecoderLM  # noqa: E402
@@ -154,6 +155,7 @@ def test_listens_on_loopback_and_describes_itself(server):
     assert server.url.startswith("http://127.0.0.1:")
     h = server.health()
     assert h["status"] == "ok" and h["model"] == "tiny" and h["slots"] == 8 and h["context_window"] == 256
+    assert h["compiled_step"] == kernels.kernel_available()  # the loaded model decodes through lmforge.fused
     spec = httpx.get(server.url + "/openapi.json", timeout=10).json()
     assert {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health"} <= set(spec["paths"])
     docs = httpx.get(server.url + "/docs", timeout=10)
@@ -174,6 +176,7 @@ def test_int8_server_answers_like_the_int8_model(tmp_path):
     s = ServerProcess(ckpt, "--quantize", "int8", "--max-batch", "2")
     try:
         assert s.health()["quantize"] == "int8"
+        assert s.health()["compiled_step"] == kernels.kernel_available()
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "To be, or not", "max_tokens": 12,
                                                          "temperature": 0}, timeout=60)
         assert r.status_code == 200, r.text

@@ -9,7 +9,9 @@ import time
 import pytest
 import torch
 
+from lmforge import kernels
 from lmforge.config import ModelConfig
+from lmforge.lm import prepare_for_inference
 from lmforge.models.decoder import DecoderLM
 from lmforge.serve.engine import Engine, QueueFull, Request, SamplingParams
 from lmforge.tokenizer import Tokenizer
@@ -22,12 +24,22 @@ def tok() -> Tokenizer:
     return Tokenizer.train_from_iterator(CORPUS, "bpe", vocab_size=300, min_frequency=1)
 
 
-def tiny(tok, pos="rope", init_std=0.02, block_size=96, **kw) -> DecoderLM:
+def tiny(tok, pos="rope", init_std=0.02, block_size=96, layout="plain", **kw) -> DecoderLM:
+    """layout: "plain" (nn.Linear: the engine runs the model's forward), or "fp32" / "int8": laid out for
+    inference as LM.load does, where the engine decodes through the compiled step (lmforge.fused)."""
     cfg = dict(vocab_size=tok.vocab_size, block_size=block_size, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32,
                pos=pos, init_std=init_std, tie_embeddings=False)
     cfg.update(kw)
     torch.manual_seed(0)
-    return DecoderLM(ModelConfig(**cfg)).eval()
+    model = DecoderLM(ModelConfig(**cfg)).eval()
+    if layout == "plain":
+        return model
+    if not kernels.kernel_available():
+        pytest.skip("lmforge's CPU kernels could not be built")
+    return prepare_for_inference(model, "none" if layout == "fp32" else layout)
+
+
+LAYOUTS = ["plain", "fp32", "int8"]
 
 
 class Collector:
@@ -69,13 +81,16 @@ def greedy_reference(model, ids, n):
     return seq[len(ids):]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope", "alibi"])
 @pytest.mark.parametrize("invariant", [True, False])
-def test_slot_cache_decodes_like_a_full_forward(tok, pos, invariant):
+def test_slot_cache_decodes_like_a_full_forward(tok, pos, invariant, layout):
     """Greedy decoding through the slot cache, with several requests of different lengths sharing the
-    batch, gives the tokens of repeated full forward passes (peaked random model: no near ties)."""
-    model = tiny(tok, pos, init_std=0.5)
+    batch, gives the tokens of repeated full forward passes (peaked random model: no near ties), through
+    the model's forward or through the compiled step."""
+    model = tiny(tok, pos, init_std=0.5, layout=layout)
     engine = Engine(model, tok, max_batch=4, batch_invariant=invariant).start()
+    assert (engine.fused is not None) == (layout != "plain" and pos in ("learned", "rope"))
     try:
         prompts = [tok.encode(t) for t in ("Hello", "The quick brown fox", "To be", "lazy dog. To be, or not")]
         jobs = [(p, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True), 1) for p in prompts]
@@ -87,11 +102,14 @@ def test_slot_cache_decodes_like_a_full_forward(tok, pos, invariant):
         engine.stop()
 
 
-def test_seeded_sampling_does_not_depend_on_the_batch(tok):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_seeded_sampling_does_not_depend_on_the_batch(tok, layout):
     """A nearly uniform model (the hardest case) samples the same text for a seed alone, in a full batch
-    and in a queue, in batch-invariant mode: bit-identical arithmetic for each row."""
-    model = tiny(tok, "rope", init_std=0.02)
+    and in a queue, in batch-invariant mode: bit-identical arithmetic for each row, through the model's
+    forward or through the compiled step."""
+    model = tiny(tok, "rope", init_std=0.02, layout=layout)
     engine = Engine(model, tok, max_batch=8).start()
+    assert (engine.fused is None) == (layout == "plain")
     try:
         c = Collector(engine)
         prompts = [tok.encode("Hello " * (i % 5) + str(i)) for i in range(20)]

@@ -90,7 +90,8 @@ class DecodeStep:
     """The compiled step for one model (build it with ``decode_step_for``). Call it as
     ``step(tokens_B, cache, positions_B=None, start_B=None)`` -> logits [B, V] of the new tokens, where
     ``positions_B`` defaults to the cache length for every row and ``start_B`` is each row's first cache
-    slot that is not left padding (default 0). It advances the cache by one slot."""
+    slot that is not left padding (default 0). It advances the cache by one slot. ``rows`` is the same step
+    on bare key and value buffers where each row has its own length (the server's slot cache)."""
 
     def __init__(self, model: nn.Module, lib: ctypes.CDLL, parts: dict):
         self.model, self.lib = model, lib
@@ -114,7 +115,7 @@ class DecodeStep:
             for name in ("qkv", "proj", "fc1", "fc2"):
                 self._set_lin(getattr(L, name), blk[name])
         c.layers = ctypes.addressof(self.layers)
-        self.rows = 0
+        self.scratch_rows = 0
         self.max_rows = MAX_ROWS_INT8 if self.int8 else MAX_ROWS
 
     def _hold(self, t: Optional[torch.Tensor]) -> Optional[int]:
@@ -130,7 +131,7 @@ class DecodeStep:
         dst.n, dst.k = w.shape
 
     def _scratch(self, B: int) -> None:
-        if B <= self.rows:
+        if B <= self.scratch_rows:
             return
         cfg, c = self.model.cfg, self.c
         sizes = {"x": cfg.d_model, "h": cfg.d_model, "qkv": (cfg.n_heads + 2 * cfg.kv_heads) * cfg.hd,
@@ -138,7 +139,7 @@ class DecodeStep:
         self.buffers = {k: torch.empty(B, n) for k, n in sizes.items()}
         for k, t in self.buffers.items():
             setattr(c, k, t.data_ptr())
-        self.rows = B
+        self.scratch_rows = B
 
     def applies(self, B: int, cache) -> bool:
         """Whether this step can take B rows on this cache (fp32 contiguous tensors, room for one more slot)."""
@@ -152,26 +153,59 @@ class DecodeStep:
         B = tokens_B.shape[0]
         if not self.applies(B, cache):
             raise ValueError(f"the compiled step does not take {B} rows on this cache")
-        cfg, c = self.model.cfg, self.c
         slot = cache.length
-        tok = tokens_B.reshape(B).to(torch.int64).contiguous()
+        logits = self.rows(tokens_B, cache.k, cache.v, torch.full((B,), slot, dtype=torch.int64),
+                           positions_B=positions_B, start_B=start_B)
+        cache.advance(1)
+        return logits
+
+    def rows(self, tokens_B: torch.Tensor, k: list, v: list, end_B: torch.Tensor,
+             positions_B: Optional[torch.Tensor] = None, start_B: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The step on the first B rows of per-layer key and value buffers [rows, kv_heads, capacity, head_dim]
+        (fp32, contiguous): row b writes its new key and value at slot ``end_B[b]`` and attends to slots
+        ``start_B[b]`` (default 0) through ``end_B[b]``, at position ``positions_B[b]`` (default
+        ``end_B[b]``). Each row's arithmetic depends only on that row and on B. Returns logits [B, V]."""
+        cfg, c = self.model.cfg, self.c
+        B = tokens_B.shape[0]
+        if not 1 <= B <= self.max_rows:
+            raise ValueError(f"the compiled step takes 1 to {self.max_rows} rows, not {B}")
+        if len(k) != cfg.n_layers or len(v) != cfg.n_layers:
+            raise ValueError(f"need key and value buffers for {cfg.n_layers} layers")
+        shape = (cfg.kv_heads, k[0].shape[2], cfg.hd)
+        for t in list(k) + list(v):
+            if not _f32(t) or t.dim() != 4 or t.shape[0] < B or tuple(t.shape[1:]) != shape:
+                raise ValueError("the KV cache must hold contiguous fp32 CPU tensors [rows, kv_heads, capacity, "
+                                 f"head_dim] with at least {B} rows and the same shape in every layer")
+        cap = shape[1]
+
+        def ids(t: Optional[torch.Tensor], name: str) -> Optional[torch.Tensor]:
+            if t is None:
+                return None
+            t = t.reshape(-1).to(torch.int64).contiguous()
+            if t.numel() != B:
+                raise ValueError(f"{name} needs one entry per row ({B}), not {t.numel()}")
+            return t
+
+        tok, end = ids(tokens_B, "tokens"), ids(end_B, "end_B")
+        pos = end if positions_B is None else ids(positions_B, "positions_B")
+        start = ids(start_B, "start_B")
         if int(tok.min()) < 0 or int(tok.max()) >= self.model.tok_emb.weight.shape[0]:
             raise ValueError("token id outside the embedding table")
-        pos = (torch.full((B,), slot, dtype=torch.int64) if positions_B is None
-               else positions_B.reshape(B).to(torch.int64).contiguous())
+        if int(end.min()) < 0 or int(end.max()) >= cap:
+            raise ValueError(f"cache slot outside the cache's {cap}")
+        if start is not None and (int(start.min()) < 0 or bool((start > end).any())):
+            raise ValueError("a row's first visible slot must lie in [0, its write slot]")
+        if int(pos.min()) < 0:
+            raise ValueError(f"negative position {int(pos.min())}")
         if cfg.pos == "learned" and int(pos.max()) >= cfg.block_size:
             raise ValueError(f"position {int(pos.max())} exceeds block_size {cfg.block_size}")
-        start = None if start_B is None else start_B.reshape(B).to(torch.int64).contiguous()
         self._scratch(B)
-        c.cap = cache.max_len
-        for L, k, v in zip(self.layers, cache.k, cache.v):
-            if not (_f32(k) and _f32(v)):
-                raise ValueError("the KV cache must hold contiguous fp32 CPU tensors")
-            L.k_cache, L.v_cache = k.data_ptr(), v.data_ptr()
+        c.cap = cap
+        for L, kl, vl in zip(self.layers, k, v):
+            L.k_cache, L.v_cache = kl.data_ptr(), vl.data_ptr()
         logits = torch.empty(B, cfg.vocab_size)
-        self.lib.lmf_decode_step(ctypes.addressof(c), B, tok.data_ptr(), pos.data_ptr(), _ptr(start), slot,
-                                 logits.data_ptr())
-        cache.advance(1)
+        self.lib.lmf_decode_step(ctypes.addressof(c), B, tok.data_ptr(), pos.data_ptr(), _ptr(start),
+                                 end.data_ptr(), logits.data_ptr())
         return logits
 
 

@@ -165,7 +165,7 @@ def load_kernel() -> Optional[ctypes.CDLL]:
                                + [ctypes.c_float])
             lib.lmf_decode_step.restype = None  # checked against the model's forward by lmforge.fused
             lib.lmf_decode_step.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
-                                            ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p]
+                                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
             if not _self_test(lib):
                 log.warning("lmforge.kernels: the built kernels disagree with torch; not using them")
                 return None

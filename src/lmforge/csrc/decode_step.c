@@ -118,9 +118,11 @@ static float activate(float v, long kind) {
 }
 
 /* tokens [B]; pos [B]: each row's position; start [B]: each row's first visible cache slot (left padding),
- * or NULL for 0; slot: the cache slot the new keys and values go to. logits: [B, V]. */
+ * or NULL for 0; end [B]: the cache slot each row's new key and value go to, its last visible slot (one
+ * shared length for a batch decoded together, each slot's own length for the server's slot cache).
+ * logits: [B, V]. */
 void lmf_decode_step(const lmf_model *m, long B, const int64_t *tokens, const int64_t *pos, const int64_t *start,
-                     long slot, float *logits) {
+                     const int64_t *end, float *logits) {
     const long C = m->C, H = m->H, KV = m->KV, D = m->D, F = m->F, QKV = (H + 2 * KV) * D;
     const long group = H / KV, FF = m->mlp == MLP_SWIGLU ? 2 * F : F;
     float *x = m->x, *h = m->h, *qkv = m->qkv, *att = m->att, *ff = m->ff;
@@ -148,7 +150,7 @@ void lmf_decode_step(const lmf_model *m, long B, const int64_t *tokens, const in
                 }
                 if (m->rope_inv_freq) rope_head(v, D, pos[b], m->rope_inv_freq);
                 if (j >= H) {
-                    long g = j - H, at = ((b * KV + g) * m->cap + slot) * D;
+                    long g = j - H, at = ((b * KV + g) * m->cap + end[b]) * D;
                     memcpy(L->k_cache + at, v, D * sizeof(float));
                     memcpy(L->v_cache + at, qkv + b * QKV + (H + KV + g) * D, D * sizeof(float));
                 }
@@ -156,7 +158,7 @@ void lmf_decode_step(const lmf_model *m, long B, const int64_t *tokens, const in
             #pragma omp for schedule(static)
             for (long i = 0; i < B * H; i++) {
                 long b = i / H, j = i % H, g = j / group, base = (b * KV + g) * m->cap * D;
-                attend(qkv + b * QKV + j * D, L->k_cache + base, L->v_cache + base, start ? start[b] : 0, slot + 1,
+                attend(qkv + b * QKV + j * D, L->k_cache + base, L->v_cache + base, start ? start[b] : 0, end[b] + 1,
                        D, att + b * H * D + j * D);
             }
             lin(&L->proj, att, x, B, 1);

@@ -184,6 +184,8 @@ class Health(BaseModel):
     active: int
     waiting: int
     context_window: int
+    compiled_step: bool = Field(description="decode steps run lmforge's compiled step (lmforge.fused), not "
+                                            "the model's forward")
     steps: int
     tokens: int
     cancelled: int

@@ -11,10 +11,14 @@ deadline, and the next waiting request takes the slot at once; nobody waits for 
 Each sequence samples with its own settings and its own seeded ``torch.Generator`` (the same
 exponential-race sampler as ``lmforge.generate``), so its text depends only on its prompt, its settings
 and its seed. With ``batch_invariant`` (the default) every decode step also has the same shape, all slots
-over the whole context window, whatever is running: the matrix kernels then do the same arithmetic for a
-row whatever the other rows hold, so a seeded request gives the same text alone or in a full batch, to
-the bit. Without it a step covers only the slots and key positions in use, which is cheaper when few
-requests run or contexts are long, and results may differ in the last bits between batch makeups.
+whatever is running: the matrix kernels then do the same arithmetic for a row whatever the other rows
+hold, so a seeded request gives the same text alone or in a full batch, to the bit. Without it a step
+covers only the slots (and, through the forward, key positions) in use, which is cheaper when few requests
+run, and results may differ in the last bits between batch makeups.
+
+Where the compiled step applies (``lmforge.fused``: CPU models laid out for inference), a step runs
+through it, each slot writing and attending at its own length; otherwise through the model's forward,
+over all key positions of the window (batch-invariant) or those in use, with a key mask per slot.
 
 Shape legend: M slots in the step, S key slots in its window, K kv heads, D head dim, V vocabulary.
 """
@@ -208,6 +212,13 @@ class Engine:
         # distances: such models decode one slot at a time (still continuous, just not batched).
         self.per_row = cfg.pos == "alibi"
         self.cache = SlotKVCache(model, self.slots, self.window)
+        # The compiled decoding step (lmforge.fused) where it applies (CPU models laid out for inference):
+        # each row attends to its own slots only, so a batch-invariant step no longer costs the whole window.
+        from ..fused import decode_step_for
+
+        self.fused = None if self.per_row else decode_step_for(model)
+        if self.fused is not None and self.slots > self.fused.max_rows:
+            self.fused = None
         self._free = list(range(self.slots))
         self._active: list[_Seq] = []
         self._waiting: collections.deque[Request] = collections.deque()
@@ -265,8 +276,8 @@ class Engine:
 
     def stats(self) -> dict:
         return {"slots": self.slots, "active": len(self._active), "waiting": self._queued,
-                "context_window": self.window, "steps": self.steps, "tokens": self.tokens,
-                "cancelled": self.cancelled, "timed_out": self.timed_out}
+                "context_window": self.window, "compiled_step": self.fused is not None, "steps": self.steps,
+                "tokens": self.tokens, "cancelled": self.cancelled, "timed_out": self.timed_out}
 
     # ----------------------------------------------------------------------------------------------
     # The engine thread
@@ -389,10 +400,15 @@ class Engine:
                 tok_M[s.slot], pos_M[s.slot] = s.pending, s.pos
             tok_M1 = torch.tensor(tok_M, dtype=torch.long, device=self.device)[:, None]
             pos_M = torch.tensor(pos_M, dtype=torch.long, device=self.device)
-            key_mask_MS = torch.arange(S, device=self.device)[None, :] < pos_M[:, None]
-            self.cache.prepare(slice(0, M), pos_M, S)
-            logits = self.model(tok_M1, positions_BT=pos_M[:, None], cache=self.cache, key_mask_BS=key_mask_MS,
-                                last_only=True)[:, -1]
+            if self.fused is not None:
+                # Each row writes at its own position and attends to its slots [0, pos] only; a free row
+                # decodes a pad token into slot 0 of its own cache row, which the next prefill overwrites.
+                logits = self.fused.rows(tok_M1, self.cache.k, self.cache.v, end_B=pos_M)
+            else:
+                key_mask_MS = torch.arange(S, device=self.device)[None, :] < pos_M[:, None]
+                self.cache.prepare(slice(0, M), pos_M, S)
+                logits = self.model(tok_M1, positions_BT=pos_M[:, None], cache=self.cache,
+                                    key_mask_BS=key_mask_MS, last_only=True)[:, -1]
         for s in seqs:
             s.pos += 1  # the pending token is in the cache now
         self.steps += 1
