@@ -111,7 +111,8 @@ def run_load(client, url: str, concurrency: int, requests: int, max_tokens: int,
     return sum(counted) / (time.perf_counter() - t0)
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> dict:
+    """Runs the benchmark; returns {server kind: {concurrency: median tokens/s}}."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="a checkpoint to serve (default: a random model of --size)")
     ap.add_argument("--size", default="llama-tiny", choices=sorted(SIZES))
@@ -125,7 +126,7 @@ def main() -> None:
     ap.add_argument("--stream", action="store_true", help="stream the answers (server-sent events)")
     ap.add_argument("--compare-forward", action="store_true",
                     help="also serve without the compiled step and print the ratio")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     import httpx
 
     threads = set_threads(args.threads)
@@ -178,6 +179,7 @@ def main() -> None:
     if 1 in ours and 8 in ours:
         ratio = ours[8] / ours[1]
         print(f"\nconcurrency 8 / concurrency 1 = {ratio:.2f}x (target >= 3): {verdict(ratio, 3.0)}")
+    return med
 
 
 if __name__ == "__main__":

@@ -122,3 +122,18 @@ def test_activations_bench_smoke(capsys):
     rows = activations.main(["--rows", "16", "--cols", "32", "--rounds", "1", "--attention", "1x2x8x16"])
     assert rows[-1][0] == "1x2x8x16" and rows[-1][3].endswith("x")
     assert "Causal attention forward + backward" in capsys.readouterr().out
+
+
+def test_serve_throughput_bench_smoke(capsys):
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("httpx")
+    from bench import serve_throughput
+    from lmforge.kernels import kernel_available
+
+    med = serve_throughput.main(["--size", "tiny", "--concurrency", "1", "2", "--requests", "1", "--max-tokens", "8",
+                                 "--rounds", "1", "--compare-forward"])
+    assert set(med) == {"compiled step", "model forward"} and all(v > 0 for m in med.values() for v in m.values())
+    out = capsys.readouterr().out
+    assert f"compiled step: the server reports compiled_step={kernel_available()}" in out
+    assert "model forward: the server reports compiled_step=False" in out
+    assert "Compiled step vs model forward" in out
