@@ -7,13 +7,14 @@ torch.set_num_threads is fixed, because the machines these run on are shared and
 """
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -112,6 +113,28 @@ def stream_bandwidth(mbytes: int = 512, rounds: int = 5) -> float:
     return numel * 4 / best
 
 
+def kernel_read_bandwidth(mbytes: int = 512, rounds: int = 5, width: int = 768) -> Optional[float]:
+    """Bytes/s at which lmforge's product kernel reads a buffer of ``mbytes`` in huge pages as a matrix
+    [mbytes / (4 width), width] against one row: many rows read side by side, which on some hosts draws
+    more bandwidth than torch's one-stream-per-thread sum. None where the kernel is not available. Best of
+    a few rounds."""
+    from lmforge.kernels import hugepage_empty, kernel_available, stream_linear
+
+    if not kernel_available():
+        return None
+    rows = mbytes * (1 << 20) // (4 * width)
+    w = hugepage_empty(rows * width).fill_(1.0).view(rows, width)
+    x = torch.ones(1, width)
+    with torch.inference_mode():
+        stream_linear(x, w)
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            stream_linear(x, w)
+            best = min(best, time.perf_counter() - t0)
+    return w.numel() * 4 / best
+
+
 def table(title: str, header: list[str], rows: list[list], out=None) -> str:
     """Print (and return) a Markdown table."""
     cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
@@ -129,3 +152,24 @@ def table(title: str, header: list[str], rows: list[list], out=None) -> str:
 def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
     ok = value >= target if higher_is_better else value <= target
     return ("met" if ok else "NOT met") + f" (target {'>=' if higher_is_better else '<='} {target:g})"
+
+
+def shape_arg(base: dict) -> Callable[[str], dict]:
+    """An argparse type for ``--shape key=value,...``: ``base`` with some of its integer entries changed, so
+    that a benchmark runs on a configuration it does not list (unknown keys and non-integers are refused)."""
+
+    def parse(text: str) -> dict:
+        out = dict(base)
+        for item in filter(None, (s.strip() for s in text.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or key.strip() not in base:
+                raise argparse.ArgumentTypeError(f"{item!r}: expected key=value with key one of {', '.join(base)}")
+            try:
+                out[key.strip()] = int(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{item!r}: {value!r} is not an integer") from None
+            if out[key.strip()] < 1:
+                raise argparse.ArgumentTypeError(f"{item!r}: must be at least 1")
+        return out
+
+    return parse

@@ -3,6 +3,7 @@ against transformers' GPT2LMHeadModel trained by the same reference loop, with M
 measured in the same run.
 
     python -m bench.train_step [--config char|124m|both] [--rounds 5] [--reps 10] [--threads N]
+    python -m bench.train_step --shape n_layers=6,n_heads=6,d_model=384,block_size=256,batch=8
 
 A step is forward, cross-entropy, backward, gradient clipping at 1.0 and AdamW (lr 1e-3, weight decay 0.1
 on matrices), on one fixed batch of random tokens. lmforge's step uses lmforge's model, its optimizer
@@ -12,6 +13,8 @@ Configurations:
            once as nanoGPT trains it (no biases, exact GELU), once as GPT-2 is (biases, tanh GELU), which
            is the architecture transformers' GPT2LMHeadModel implements
     124m   GPT-2 small (12 layers, 12 heads, 768 wide, vocab 50257), block 128, batch 4 (CPU-sized batch)
+    --shape k=v,...  any other configuration: the char one with these entries changed (vocab_size,
+           block_size, n_layers, n_heads, d_model, batch), run like char (both architectures)
 MFU = model FLOPs per second / the fp32 matmul peak (a 1024^3 GEMM, interleaved with the candidates).
 Model FLOPs per token: 6 N + 12 L C T (N = parameters doing matmuls, i.e. all but the position
 embedding; the attention term as in PaLM, Chowdhery et al. 2022, appendix B).
@@ -21,11 +24,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import resource
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .common import interleave, machine, matmul_peak_flops, set_threads, table, verdict
+from .common import interleave, machine, matmul_peak_flops, set_threads, shape_arg, table, verdict
 from .ref_gpt import RefConfig, RefGPT, ref_optimizer, ref_step
 
 CONFIGS = {
@@ -64,12 +68,12 @@ def flops_per_token(model, c: dict) -> float:
     return 6 * n + 12 * c["n_layers"] * c["d_model"] * c["block_size"]
 
 
-def run_config(name: str, rounds: int, reps: int, seed: int = 0) -> list[list]:
+def run_config(name: str, rounds: int, reps: int, seed: int = 0, c: Optional[dict] = None) -> list[list]:
     from lmforge.config import OptimConfig
     from lmforge.train.optim import build_optimizer
     from lmforge.train.pretrain import causal_lm_loss
 
-    c = CONFIGS[name]
+    c = c or CONFIGS[name]
     B, T = c["batch"], c["block_size"]
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, c["vocab_size"], (B, T), generator=g)
@@ -159,6 +163,8 @@ def main(argv=None) -> list[list]:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=0, help="steps per round (0: 10 for char, 1 for 124m)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--shape", type=shape_arg(CONFIGS["char"]),
+                    help="run this configuration instead: key=value,... over the char one's entries")
     ap.add_argument("--glibc-malloc", action="store_true",
                     help="leave malloc at glibc's defaults for every candidate; by default the whole run gets "
                          "the setting lmforge's training loop applies (lmforge.train.memory)")
@@ -167,6 +173,11 @@ def main(argv=None) -> list[list]:
     print(f"machine: {machine()}")
     names = ["char", "124m"] if args.config == "both" else [args.config]
     rows = []
+    if args.shape:
+        c = args.shape
+        print("custom: " + ", ".join(f"{k}={v}" for k, v in c.items()))
+        rows += run_config("custom", args.rounds, args.reps or 10, c=c)
+        names = []
     for n in names:
         reps = args.reps or (1 if n == "124m" else 10)
         rows += run_config(n, args.rounds if n != "124m" else min(args.rounds, 3), reps)

@@ -43,6 +43,24 @@ def test_train_step_bench_smoke(capsys):
     out = capsys.readouterr().out
     assert "tiny gpt2: lmforge vs transformers" in out and "MFU" in out
     assert any(r[0] == "tiny nanogpt: lmforge" for r in rows)
+    # A configuration of one's own (--shape): the char one with entries changed, both architectures.
+    rows = train_step.main(["--shape", "n_layers=1,n_heads=2,d_model=32,block_size=24,batch=2", "--rounds", "1",
+                            "--reps", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "custom: vocab_size=65, block_size=24, n_layers=1, n_heads=2, d_model=32, batch=2" in out
+    assert {"custom nanogpt: lmforge", "custom gpt2: transformers"} <= {r[0] for r in rows}
+
+
+def test_shape_argument_changes_known_integer_entries_only():
+    import argparse
+
+    parse = common.shape_arg({"n_layers": 4, "d_model": 128})
+    assert parse("n_layers=2, d_model=64") == {"n_layers": 2, "d_model": 64}
+    assert parse("") == {"n_layers": 4, "d_model": 128}
+    for bad, why in (("heads=2", "key one of"), ("n_layers=two", "not an integer"), ("n_layers", "key=value"),
+                     ("d_model=0", "at least 1")):
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            parse(bad)
 
 
 def test_gpu_bench_dry_run(capsys):
@@ -137,3 +155,22 @@ def test_serve_throughput_bench_smoke(capsys):
     assert f"compiled step: the server reports compiled_step={kernel_available()}" in out
     assert "model forward: the server reports compiled_step=False" in out
     assert "Compiled step vs model forward" in out
+
+
+def test_read_bandwidths_are_measured():
+    from lmforge.kernels import kernel_available
+
+    assert common.stream_bandwidth(8, rounds=1) > 0
+    got = common.kernel_read_bandwidth(8, rounds=1)
+    assert (got is not None and got > 0) if kernel_available() else got is None
+
+
+@pytest.mark.slow
+def test_decode_bench_on_a_shape_of_ones_own(capsys):
+    from bench import decode
+
+    out = decode.main(["--shape", "n_layers=2,n_heads=2,d_model=64,vocab_size=300,block_size=128", "--rounds", "1",
+                       "--new-tokens", "8", "--prompt-tokens", "8", "--batch", "2", "--threads", "1"])
+    text = capsys.readouterr().out
+    assert "GPT-2 n_layers=2,n_heads=2,d_model=64,vocab_size=300,block_size=128 shape" in text
+    assert out["same"] and out["bandwidth"] == max(out["bandwidth_sum"], out["bandwidth_kernel"]) > 0
