@@ -200,3 +200,20 @@ def test_cancel_deadline_queue_and_drain(tok):
         assert r2 is not None
     finally:
         engine.stop()
+
+
+def test_more_slots_than_the_compiled_step_takes_fall_back_to_the_forward(tok):
+    from lmforge.kernels import MAX_ROWS, MAX_ROWS_INT8
+
+    for layout, rows in (("fp32", MAX_ROWS), ("int8", MAX_ROWS_INT8)):
+        model = tiny(tok, init_std=0.5, layout=layout)
+        assert Engine(model, tok, max_batch=rows).fused is not None
+        engine = Engine(model, tok, max_batch=rows + 1).start()
+        try:
+            assert engine.fused is None and not engine.stats()["compiled_step"]
+            ids = tok.encode("To be")
+            (text, reason, n), = Collector(engine).run([(ids, SamplingParams(max_tokens=6, temperature=0.0,
+                                                                             ignore_eos=True), 1)])
+            assert text == tok.decode(greedy_reference(model, ids, 6), skip_special_tokens=True)
+        finally:
+            engine.stop()
