@@ -5,11 +5,11 @@ with torch's ``tanh`` and ``sigmoid`` alone for scale, on one MLP activation of 
 config (batch 12 x block 64 rows, 4 x 128 columns).
 Attention: ``F.scaled_dot_product_attention(is_causal=True)`` forward and backward against lmforge's kernel
 (``lmforge.kernels.causal_attention``) for B x H x T x D shapes: the char config's, the 124M training-step
-config's, and longer blocks, where the kernel stops paying (``MAX_ATTENTION_T``; it is timed past that limit
-here all the same).
+config's, nanoGPT's GPU char model's (6 heads of 64 over 256 positions), and longer blocks up to where the
+kernel stops paying (``MAX_ATTENTION_TD``; a shape past it is timed all the same).
 
     python -m bench.activations [--threads N] [--rows 768] [--cols 512] [--rounds 7]
-                                [--attention 12x4x64x32 4x12x128x64 1x12x512x64 1x12x1024x64]
+                                [--attention 12x4x64x32 4x12x128x64 12x6x256x64 1x12x1024x64 1x4x4096x64]
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def main(argv=None) -> list[list]:
     ap.add_argument("--rows", type=int, default=768)
     ap.add_argument("--cols", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--attention", nargs="*", default=["12x4x64x32", "4x12x128x64", "1x12x512x64", "1x12x1024x64"],
+    ap.add_argument("--attention", nargs="*", default=["12x4x64x32", "4x12x128x64", "12x6x256x64", "1x12x1024x64",
+                                                       "1x4x4096x64"],
                     help="B x H x T x D shapes of causal attention to time (none: skip)")
     args = ap.parse_args(argv)
     from lmforge.kernels import gelu_tanh, kernel_available
@@ -73,7 +74,7 @@ def main(argv=None) -> list[list]:
 def attention_rows(shapes: list[str], rounds: int, threads: int) -> list[list]:
     """Causal attention, forward + backward, on [B, H, T, D] views of one fused q/k/v projection (the
     layout the model gives it): torch's SDPA against lmforge's kernel, interleaved per shape."""
-    from lmforge.kernels import MAX_ATTENTION_T, _CausalAttention
+    from lmforge.kernels import MAX_ATTENTION_D, MAX_ATTENTION_TD, _CausalAttention
 
     rows = []
     for shape in shapes:
@@ -91,7 +92,8 @@ def attention_rows(shapes: list[str], rounds: int, threads: int) -> list[list]:
 
         t = interleave({"sdpa": step(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
                         "kernel": step(_CausalAttention.apply)}, rounds=rounds)
-        note = "" if T <= MAX_ATTENTION_T else f" (past MAX_ATTENTION_T={MAX_ATTENTION_T}: SDPA is used)"
+        note = ("" if T * D <= MAX_ATTENTION_TD and D <= MAX_ATTENTION_D
+                else f" (past MAX_ATTENTION_TD={MAX_ATTENTION_TD} or MAX_ATTENTION_D: SDPA is used)")
         rows.append([f"{B}x{H}x{T}x{D}{note}", f"{t['sdpa'] / reps * 1e6:.0f}", f"{t['kernel'] / reps * 1e6:.0f}",
                      f"{t['sdpa'] / t['kernel']:.2f}x"])
     table(f"Causal attention forward + backward, fp32, {threads} threads",

@@ -253,7 +253,8 @@ def _qkv_views(B, H, T, D, dtype=torch.float32, qkv=None):
 
 
 @needs_kernel
-@pytest.mark.parametrize("B,H,T,D", [(2, 3, 1, 16), (2, 3, 5, 32), (1, 2, 17, 64), (3, 4, 64, 32), (1, 2, 130, 48)])
+@pytest.mark.parametrize("B,H,T,D", [(2, 3, 1, 16), (2, 3, 5, 32), (1, 2, 17, 64), (3, 4, 64, 32), (1, 2, 130, 48),
+                                     (2, 2, 45, 80), (1, 1, 96, 128), (1, 1, 700, 16)])
 def test_causal_attention_kernel_matches_sdpa_forward_and_backward(B, H, T, D):
     qkv = torch.randn(B, T, 3, H, D)
     grad = torch.randn(B, H, T, D)
@@ -272,7 +273,8 @@ def test_causal_attention_kernel_matches_sdpa_forward_and_backward(B, H, T, D):
 @needs_kernel
 def test_causal_attention_falls_back_where_the_kernel_does_not_apply():
     for q, k, v in (_qkv_views(1, 2, 8, 24),  # head width not a multiple of 16
-                    _qkv_views(1, 1, kernels.MAX_ATTENTION_T + 1, 16),  # too long
+                    _qkv_views(1, 1, kernels.MAX_ATTENTION_TD // 16 + 1, 16),  # too long
+                    _qkv_views(1, 1, 4, kernels.MAX_ATTENTION_D + 16),  # too wide
                     _qkv_views(1, 2, 8, 32, torch.bfloat16)):
         assert not kernels.attention_applies(q, k, v)
         torch.testing.assert_close(kernels.causal_attention(q, k, v),

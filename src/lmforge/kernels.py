@@ -11,8 +11,8 @@ docs/benchmarks.md).
 
 ``gelu_tanh`` is GPT-2's GELU, forward and backward, for training and inference: torch's CPU ``tanh`` is
 slow, and the kernel computes the same function through one exp. ``causal_attention`` is causal
-self-attention, forward and backward, for the short fp32 blocks of CPU training and prefill (up to
-``MAX_ATTENTION_T`` positions; ``python -m bench.activations`` times both against torch's).
+self-attention, forward and backward, for fp32 blocks of CPU training and prefill (up to 3072 positions of
+64-wide heads, ``MAX_ATTENTION_TD``; ``python -m bench.activations`` times both against torch's).
 ``use_cpu_kernels(model)`` swaps both in from the outside. The same library holds a whole decoding step
 of a decoder (``csrc/decode_step.c``), which ``lmforge.fused`` describes the model to.
 
@@ -339,17 +339,19 @@ class _CausalAttention(torch.autograd.Function):
         return dq, dk, dv
 
 
-# The longest sequence the attention kernel takes: it beats torch's flash kernel on the short blocks of CPU
-# training, and past 512 positions, where its packed keys no longer stay in the L2 cache, loses to SDPA's
-# blocked matrix products (python -m bench.activations).
-MAX_ATTENTION_T = 512
+# The largest head the attention kernel takes, in elements of its keys (T x D), and the widest head: it
+# beats torch's flash kernel while a head's packed keys (T x D floats, 768 KB at this limit) stay in a 1 MB
+# L2 cache, and loses to SDPA's blocked matrix products beyond (python -m bench.activations times both).
+MAX_ATTENTION_TD = 3072 * 64
+MAX_ATTENTION_D = 256
 
 
 def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether ``causal_attention`` takes these tensors: fp32 CPU [B, H, T, D] of one shape, T at most
-    ``MAX_ATTENTION_T``, each with a contiguous last dimension."""
-    return (q.dim() == 4 and q.shape == k.shape == v.shape and 0 < q.shape[2] <= MAX_ATTENTION_T
-            and q.shape[3] % 16 == 0
+    """Whether ``causal_attention`` takes these tensors: fp32 CPU [B, H, T, D] of one shape, D a multiple of
+    16 up to ``MAX_ATTENTION_D``, T x D at most ``MAX_ATTENTION_TD``, each with a contiguous last dimension."""
+    return (q.dim() == 4 and q.shape == k.shape == v.shape and q.shape[2] > 0
+            and 0 < q.shape[3] <= MAX_ATTENTION_D and q.shape[3] % 16 == 0
+            and q.shape[2] * q.shape[3] <= MAX_ATTENTION_TD
             and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1 for t in (q, k, v)))
 
 

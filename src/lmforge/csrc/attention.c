@@ -1,11 +1,12 @@
 /* Causal self-attention softmax(Q K^T * scale + causal mask) V, forward and backward, in fp32, for the
  * short sequences of CPU training (lmforge.kernels.causal_attention).
  *
- * Each (batch, head) pair is one task for one thread. Within it, blocks of 4 query rows attend to the key
+ * Each (batch, head) pair is one task for one thread. Within it, blocks of 8 query rows attend to the key
  * rows up to the block's last row, so the masked half of the scores is mostly never computed. Every product
- * keeps its 4-row block of results in vector registers: the scores take 16 keys at a time from K^T (K
- * transposed once per task), the outputs 16 of the D columns at a time. D must be a multiple of 16. The
- * forward keeps each row's log-sum-exp; the backward recomputes the probabilities from it rather than
+ * keeps its 8-row block of results in vector registers (16 accumulators): the scores take 32 keys at a
+ * time from K^T (K transposed once per task), the outputs 32 of the D columns at a time, so each vector
+ * loaded serves 8 multiply-adds (4-row blocks left the multiply-add units waiting on loads; 12-row blocks
+ * spill registers); the softmax's exponentials are vectorized. D must be a multiple of 16. The forward keeps each row's log-sum-exp; the backward recomputes the probabilities from it rather than
  * storing the T x T matrix (as flash attention does, Dao et al. 2022):
  *
  *     P = exp(S - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),
@@ -21,47 +22,89 @@
 typedef float v16 __attribute__((vector_size(64)));
 typedef struct { long b, h, t; } lmf_strides;
 
-#define R 4 /* query rows per block */
+#define R 8 /* query rows per block */
 #define AT(p, s, bb, hh) ((p) + (bb) * (s).b + (hh) * (s).h)
 
 static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
 
-/* out[r][j] = scale * a_r . x_j for rows r < rows and keys j < n (in steps of 16, up to T16), from
- * X^T packed as xt[d * T16 + j]. */
+/* out[r][j] = scale * a_r . x_j for rows r < rows and keys j < n (16 at a time, up to T16), from X^T packed
+ * as xt[d * T16 + j]. The block's rows are scaled once into qa; 32 keys at a time make 8 accumulators,
+ * each broadcast of a row's element serving two loads of X^T. */
 static void scores(const float *a, long as, long rows, const float *xt, long n, long T16, long D, float scale,
                    float *out) {
-    for (long j = 0; j < n; j += 16) {
+    float qa[R * D];
+    for (long r = 0; r < R; r++)
+        for (long d = 0; d < D; d++) qa[r * D + d] = r < rows ? a[r * as + d] * scale : 0.0f;
+    long j = 0;
+    for (; j + 32 <= n || (j + 16 < n && j + 32 <= T16); j += 32) {
+        v16 acc[R][2] = {{0}};
+        for (long d = 0; d < D; d++) {
+            v16 w0 = ld(xt + d * T16 + j), w1 = ld(xt + d * T16 + j + 16);
+            for (long r = 0; r < R; r++) {
+                acc[r][0] += qa[r * D + d] * w0;
+                acc[r][1] += qa[r * D + d] * w1;
+            }
+        }
+        for (long r = 0; r < R; r++) {
+            st(out + r * T16 + j, acc[r][0]);
+            st(out + r * T16 + j + 16, acc[r][1]);
+        }
+    }
+    if (j < n) { /* the last 16 keys */
         v16 acc[R] = {0};
         for (long d = 0; d < D; d++) {
             v16 w = ld(xt + d * T16 + j);
-            for (long r = 0; r < R; r++) acc[r] += (r < rows ? a[r * as + d] * scale : 0.0f) * w;
+            for (long r = 0; r < R; r++) acc[r] += qa[r * D + d] * w;
         }
         for (long r = 0; r < R; r++) st(out + r * T16 + j, acc[r]);
     }
 }
 
-/* out[r][:] = sum_{j < n} p[r][j] x_j for rows r < rows; x_j rows of D at stride xs. */
+/* The two products over keys, for CB vectors (16 CB columns) from column c, all R rows in registers:
+ * mix:   out[r][c..] = sum_{j < n} p[r][j] x_j[c..]   (x_j rows of D at stride xs);
+ * mix_t: y_j[c..] += sum_{r < rows} p[r][j] a_r[c..]  (the transposed product, into rows of y). */
+#define MIX(CB)                                                                                         \
+static void mix_##CB(const float *p, long T16, long rows, long n, const float *x, long xs, long c,       \
+                     float *out, long os) {                                                             \
+    v16 acc[R][CB] = {{0}};                                                                             \
+    for (long j = 0; j < n; j++) {                                                                      \
+        v16 w[CB];                                                                                      \
+        for (int i = 0; i < CB; i++) w[i] = ld(x + j * xs + c + 16 * i);                                \
+        for (long r = 0; r < R; r++)                                                                    \
+            for (int i = 0; i < CB; i++) acc[r][i] += p[r * T16 + j] * w[i];                            \
+    }                                                                                                   \
+    for (long r = 0; r < rows; r++)                                                                     \
+        for (int i = 0; i < CB; i++) st(out + r * os + c + 16 * i, acc[r][i]);                          \
+}                                                                                                       \
+static void mix_t_##CB(const float *p, long T16, long rows, long n, const float *a, long as, long c,     \
+                       float *y, long ys) {                                                             \
+    v16 av[R][CB];                                                                                      \
+    for (long r = 0; r < R; r++)                                                                        \
+        for (int i = 0; i < CB; i++) av[r][i] = r < rows ? ld(a + r * as + c + 16 * i) : (v16){0};      \
+    for (long j = 0; j < n; j++) {                                                                      \
+        v16 yv[CB];                                                                                     \
+        for (int i = 0; i < CB; i++) yv[i] = ld(y + j * ys + c + 16 * i);                               \
+        for (long r = 0; r < R; r++)                                                                    \
+            for (int i = 0; i < CB; i++) yv[i] += p[r * T16 + j] * av[r][i];                            \
+        for (int i = 0; i < CB; i++) st(y + j * ys + c + 16 * i, yv[i]);                                \
+    }                                                                                                   \
+}
+MIX(2)
+MIX(1)
+
+/* D columns as blocks of 32, then 16 (D is a multiple of 16). */
 static void mix(const float *p, long T16, long rows, long n, const float *x, long xs, long D, float *out,
                 long os) {
-    for (long c = 0; c < D; c += 16) {
-        v16 acc[R] = {0};
-        for (long j = 0; j < n; j++) {
-            v16 w = ld(x + j * xs + c);
-            for (long r = 0; r < R; r++) acc[r] += p[r * T16 + j] * w;
-        }
-        for (long r = 0; r < rows; r++) st(out + r * os + c, acc[r]);
-    }
+    long c = 0;
+    for (; c + 32 <= D; c += 32) mix_2(p, T16, rows, n, x, xs, c, out, os);
+    if (c < D) mix_1(p, T16, rows, n, x, xs, c, out, os);
 }
 
-/* y_j[:] += sum_{r < rows} p[r][j] a_r[:] for keys j < n: the transposed product, into rows of y. */
 static void mix_t(const float *p, long T16, long rows, long n, const float *a, long as, long D, float *y, long ys) {
-    for (long j = 0; j < n; j++)
-        for (long c = 0; c < D; c += 16) {
-            v16 acc = ld(y + j * ys + c);
-            for (long r = 0; r < rows; r++) acc += p[r * T16 + j] * ld(a + r * as + c);
-            st(y + j * ys + c, acc);
-        }
+    long c = 0;
+    for (; c + 32 <= D; c += 32) mix_t_2(p, T16, rows, n, a, as, c, y, ys);
+    if (c < D) mix_t_1(p, T16, rows, n, a, as, c, y, ys);
 }
 
 static void pack_transposed(const float *x, long xs, long T, long T16, long D, float *xt) {
@@ -80,16 +123,21 @@ static void probabilities(float *s, long T16, long i0, long rows, long n, float 
         const long visible = i0 + r + 1;
         if (forward) {
             float m = row[0], l = 0.0f;
+            #pragma omp simd reduction(max : m)
             for (long j = 1; j < visible; j++) m = row[j] > m ? row[j] : m;
+            #pragma omp simd reduction(+ : l)
             for (long j = 0; j < visible; j++) {
                 row[j] = exp_approx(row[j] - m);
                 l += row[j];
             }
             const float inv = 1.0f / l;
+            #pragma omp simd
             for (long j = 0; j < visible; j++) row[j] *= inv;
             lse[i0 + r] = m + logf(l);
         } else {
-            for (long j = 0; j < visible; j++) row[j] = exp_approx(row[j] - lse[i0 + r]);
+            const float z = lse[i0 + r];
+            #pragma omp simd
+            for (long j = 0; j < visible; j++) row[j] = exp_approx(row[j] - z);
         }
         for (long j = visible; j < n; j++) row[j] = 0.0f;
     }
