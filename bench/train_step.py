@@ -4,6 +4,7 @@ measured in the same run.
 
     python -m bench.train_step [--config char|124m|both] [--rounds 5] [--reps 10] [--threads N]
     python -m bench.train_step --shape n_layers=6,n_heads=6,d_model=384,block_size=256,batch=8
+    python -m bench.train_step --config 124m --profile   # and where lmforge's step spends its time
 
 A step is forward, cross-entropy, backward, gradient clipping at 1.0 and AdamW (lr 1e-3, weight decay 0.1
 on matrices), on one fixed batch of random tokens. lmforge's step uses lmforge's model, its optimizer
@@ -68,7 +69,33 @@ def flops_per_token(model, c: dict) -> float:
     return 6 * n + 12 * c["n_layers"] * c["d_model"] * c["block_size"]
 
 
-def run_config(name: str, rounds: int, reps: int, seed: int = 0, c: Optional[dict] = None) -> list[list]:
+def profile_step(step, peak_flops: float, top: int = 12) -> list[list]:
+    """One call of ``step`` under torch.profiler: the operators taking the most time (self CPU time), with
+    the matrix products' GFLOP/s and share of the matmul peak from their shapes. Returns the table's rows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm"))
+    rows = []
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+        rate = ""
+        shapes = [s for s in (e.input_shapes or []) if s]
+        if e.key in ("aten::mm", "aten::addmm") and len(shapes) >= 2:
+            a, b = shapes[-2:] if e.key == "aten::addmm" else shapes[:2]
+            gflops = 2 * a[0] * a[1] * b[1] * e.count / (e.self_cpu_time_total / 1e6) / 1e9
+            rate = f"{gflops:.0f} ({gflops * 1e9 / peak_flops:.0%})"
+        rows.append([e.key, " x ".join(str(list(s)) for s in shapes[-2:]) if shapes else "", e.count,
+                     f"{e.self_cpu_time_total / 1e3:.1f}", f"{e.self_cpu_time_total / total:.1%}", rate])
+    table(f"Where lmforge's step goes (torch.profiler, one step; matrix products {matmul / total:.1%} of "
+          f"{total / 1e3:.0f} ms)", ["operator", "input shapes", "calls", "ms", "share", "GFLOP/s (of peak)"], rows)
+    return rows
+
+
+def run_config(name: str, rounds: int, reps: int, seed: int = 0, c: Optional[dict] = None,
+               profile: bool = False) -> list[list]:
     from lmforge.config import OptimConfig
     from lmforge.train.optim import build_optimizer
     from lmforge.train.pretrain import causal_lm_loss
@@ -154,6 +181,8 @@ def run_config(name: str, rounds: int, reps: int, seed: int = 0, c: Optional[dic
                     r = hf_sec / (t[k] / reps)
                     rows.append([f"{name} {k} vs transformers", "", "", "", "", f"{r:.2f}x", verdict(r, 1.25)])
     print(f"{name}: B={B} T={T}, matmul peak {peak_flops / 1e9:.1f} GFLOP/s, {rounds} rounds x {reps} steps")
+    if profile:
+        profile_step(fns["gpt2: lmforge"], peak_flops)
     return rows
 
 
@@ -163,6 +192,8 @@ def main(argv=None) -> list[list]:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=0, help="steps per round (0: 10 for char, 1 for 124m)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one of lmforge's GPT-2-style steps (torch.profiler) and print where it goes")
     ap.add_argument("--shape", type=shape_arg(CONFIGS["char"]),
                     help="run this configuration instead: key=value,... over the char one's entries")
     ap.add_argument("--glibc-malloc", action="store_true",
@@ -176,11 +207,11 @@ def main(argv=None) -> list[list]:
     if args.shape:
         c = args.shape
         print("custom: " + ", ".join(f"{k}={v}" for k, v in c.items()))
-        rows += run_config("custom", args.rounds, args.reps or 10, c=c)
+        rows += run_config("custom", args.rounds, args.reps or 10, c=c, profile=args.profile)
         names = []
     for n in names:
         reps = args.reps or (1 if n == "124m" else 10)
-        rows += run_config(n, args.rounds if n != "124m" else min(args.rounds, 3), reps)
+        rows += run_config(n, args.rounds if n != "124m" else min(args.rounds, 3), reps, profile=args.profile)
     table(f"Training step ({threads} threads; ratio = baseline s/step / candidate s/step)",
           ["config: candidate", "ms/step", "tokens/s", "MFU", "page faults/step", "vs reference", "target"], rows)
     return rows
