@@ -176,4 +176,6 @@ def test_rows_with_their_own_lengths_match_the_forward_and_refuse_bad_slots():
             step.rows(tok, k[:1], v[:1], end_B=end)
         with pytest.raises(ValueError, match="contiguous fp32"):
             step.rows(tok, [t[:, :, :8] for t in k], v, end_B=end)
+        with pytest.raises(ValueError, match="contiguous fp32"):
+            step.rows(tok, [t[0] for t in k], v, end_B=end)
         assert all(torch.equal(a, b) for a, b in zip(before, k + v))

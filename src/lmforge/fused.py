@@ -171,7 +171,7 @@ class DecodeStep:
             raise ValueError(f"the compiled step takes 1 to {self.max_rows} rows, not {B}")
         if len(k) != cfg.n_layers or len(v) != cfg.n_layers:
             raise ValueError(f"need key and value buffers for {cfg.n_layers} layers")
-        shape = (cfg.kv_heads, k[0].shape[2], cfg.hd)
+        shape = (cfg.kv_heads, k[0].shape[2] if k[0].dim() == 4 else 0, cfg.hd)
         for t in list(k) + list(v):
             if not _f32(t) or t.dim() != 4 or t.shape[0] < B or tuple(t.shape[1:]) != shape:
                 raise ValueError("the KV cache must hold contiguous fp32 CPU tensors [rows, kv_heads, capacity, "
