@@ -29,8 +29,10 @@ static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v;
 static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
 
 /* out[r][j] = scale * a_r . x_j for rows r < rows and keys j < n (16 at a time, up to T16), from X^T packed
- * as xt[d * T16 + j]. The block's rows are scaled once into qa; 32 keys at a time make 8 accumulators,
- * each broadcast of a row's element serving two loads of X^T. */
+ * as xt[d * T16 + j]. The block's rows are scaled once into qa. 32 keys at a time make 16 accumulators
+ * (R rows x 2 vectors): each vector of X^T loaded serves the R rows, each broadcast element of a row two
+ * vectors. A 32-key pass runs while 32 keys remain, or more than 16 with room for 32 in the packed width
+ * (its padding is zeros); the last 16 or fewer take a 16-key pass. */
 static void scores(const float *a, long as, long rows, const float *xt, long n, long T16, long D, float scale,
                    float *out) {
     float qa[R * D];
