@@ -4,6 +4,7 @@ the ratio of concurrency 8 to concurrency 1 (continuous batching should make it 
     python -m bench.serve_throughput [--model CKPT] [--size llama-tiny|tiny|gpt2-124m] [--concurrency 1 2 4 8 16]
                                      [--requests 4] [--max-tokens 64] [--rounds 3] [--threads N]
                                      [--max-batch 8] [--no-batch-invariant] [--stream] [--compare-forward]
+                                     [--compare-int8]
 
 Without --model, a random-weight model of the named size is built with a byte-level BPE tokenizer (the
 speed of a forward does not depend on the weights' values). The server runs in its own process on
@@ -14,7 +15,8 @@ reported. All traffic stays on loopback and every request has a timeout.
 
 The server decodes through the compiled step (lmforge.fused) where it applies. --compare-forward starts a
 second server with it turned off (LMFORGE_FUSED_DECODE=0: every step through the model's forward), takes
-turns between the two in every round, and prints the ratio per concurrency.
+turns between the two in every round, and prints the ratio per concurrency. --compare-int8 does the same
+with a server of the same model under --quantize int8 (weight-only int8, also through the compiled step).
 """
 from __future__ import annotations
 
@@ -124,6 +126,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--no-batch-invariant", action="store_true")
     ap.add_argument("--stream", action="store_true", help="stream the answers (server-sent events)")
+    ap.add_argument("--compare-int8", action="store_true",
+                    help="also serve with --quantize int8 and print the ratio")
     ap.add_argument("--compare-forward", action="store_true",
                     help="also serve without the compiled step and print the ratio")
     args = ap.parse_args(argv)
@@ -137,13 +141,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
                  "--default-max-tokens", limit]
         if args.no_batch_invariant:
             flags.append("--no-batch-invariant")
-        kinds = {"compiled step": {}}
+        kinds = {"compiled step": ({}, [])}  # name: (environment, extra server flags)
         if args.compare_forward:
-            kinds["model forward"] = {"LMFORGE_FUSED_DECODE": "0"}
+            kinds["model forward"] = ({"LMFORGE_FUSED_DECODE": "0"}, [])
+        if args.compare_int8:
+            kinds["int8"] = ({}, ["--quantize", "int8"])
         servers: dict[str, Server] = {}
         try:
-            for kind, env in kinds.items():
-                servers[kind] = Server(model, flags, env)
+            for kind, (env, extra) in kinds.items():
+                servers[kind] = Server(model, flags + extra, env)
             limits = httpx.Limits(max_connections=max(args.concurrency) + 4)
             with httpx.Client(limits=limits) as client:
                 for server in servers.values():
@@ -175,6 +181,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if "model forward" in med:
         table("Compiled step vs model forward", ["concurrency", "ratio of medians"],
               [[c, f"{med['compiled step'][c] / med['model forward'][c]:.2f}x"] for c in args.concurrency])
+    if "int8" in med:
+        table("int8 vs fp32 (both through the compiled step where it applies)",
+              ["concurrency", "ratio of medians", "target"],
+              [[c, f"{med['int8'][c] / med['compiled step'][c]:.2f}x",
+                verdict(med["int8"][c] / med["compiled step"][c], 1.7)] for c in args.concurrency])
     ours = med["compiled step"]
     if 1 in ours and 8 in ours:
         ratio = ours[8] / ours[1]

@@ -150,12 +150,14 @@ def test_serve_throughput_bench_smoke(capsys):
     from lmforge.kernels import kernel_available
 
     med = serve_throughput.main(["--size", "tiny", "--concurrency", "1", "2", "--requests", "1", "--max-tokens", "8",
-                                 "--rounds", "1", "--compare-forward"])
-    assert set(med) == {"compiled step", "model forward"} and all(v > 0 for m in med.values() for v in m.values())
+                                 "--rounds", "1", "--compare-forward", "--compare-int8"])
+    assert set(med) == {"compiled step", "model forward", "int8"}
+    assert all(v > 0 for m in med.values() for v in m.values())
     out = capsys.readouterr().out
     assert f"compiled step: the server reports compiled_step={kernel_available()}" in out
     assert "model forward: the server reports compiled_step=False" in out
-    assert "Compiled step vs model forward" in out
+    assert "Compiled step vs model forward" in out and "int8 vs fp32" in out
+    assert f"int8: the server reports compiled_step={kernel_available()}" in out
 
 
 def test_read_bandwidths_are_measured():

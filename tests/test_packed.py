@@ -281,3 +281,20 @@ def test_causal_attention_falls_back_where_the_kernel_does_not_apply():
                                    F.scaled_dot_product_attention(q, k, v, is_causal=True))
     q, k, v = _qkv_views(1, 2, 8, 32)
     assert not kernels.attention_applies(q, k[:, :, :4], v[:, :, :4])  # keys of another length (a cache)
+
+
+@needs_kernel
+def test_product_rows_do_not_depend_on_the_rows_beside_them(monkeypatch):
+    """Every block shape of the product kernels computes a row's outputs with the same chain of
+    multiply-adds, so rows agree to the bit alone and in any batch; the check notices a kernel where not."""
+    assert kernels.rows_are_independent()
+    lib = kernels.load_kernel()
+    assert kernels._rows_match(lib)
+    real = kernels._run
+
+    def batch_dependent(fn, x, n, k, *tensors):
+        y = real(fn, x, n, k, *tensors)
+        return y if x.shape[0] == 1 else y * (1 + 2 ** -20)
+
+    monkeypatch.setattr(kernels, "_run", batch_dependent)
+    assert not kernels._rows_match(lib)

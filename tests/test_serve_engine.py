@@ -110,12 +110,15 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tok, layout):
     model = tiny(tok, "rope", init_std=0.02, layout=layout)
     engine = Engine(model, tok, max_batch=8).start()
     assert (engine.fused is None) == (layout == "plain")
+    # The compiled step runs only the busy slots (its rows do not depend on each other); the forward, all.
+    assert engine.short_steps == (layout != "plain")
     try:
         c = Collector(engine)
         prompts = [tok.encode("Hello " * (i % 5) + str(i)) for i in range(20)]
         params = [SamplingParams(max_tokens=20 + i % 7, temperature=1.0, top_p=0.95 if i % 2 else 1.0, seed=i,
                                  top_k=50 if i % 3 == 0 else 0) for i in range(20)]
         alone = [c.run([(p, s, 1)])[0] for p, s in zip(prompts, params)]
+        assert engine.step_rows == (8 if layout == "plain" else 1)
         together = c.run([(p, s, 1) for p, s in zip(prompts, params)])
         assert alone == together
         assert len({a[0] for a in alone}) == 20
@@ -217,3 +220,21 @@ def test_more_slots_than_the_compiled_step_takes_fall_back_to_the_forward(tok):
             assert text == tok.decode(greedy_reference(model, ids, 6), skip_special_tokens=True)
         finally:
             engine.stop()
+
+
+def test_full_steps_where_the_kernels_rows_are_not_independent(tok, monkeypatch):
+    """If the product kernels' rows could differ with the batch, a batch-invariant engine runs every slot."""
+    model = tiny(tok, init_std=0.5, layout="fp32")
+    assert Engine(model, tok, max_batch=4).short_steps
+    monkeypatch.setattr("lmforge.kernels.rows_are_independent", lambda: False)
+    engine = Engine(model, tok, max_batch=4).start()
+    try:
+        assert engine.fused is not None and not engine.short_steps
+        ids = tok.encode("To be")
+        (text, _, _), = Collector(engine).run([(ids, SamplingParams(max_tokens=6, temperature=0.0,
+                                                                    ignore_eos=True), 1)])
+        assert engine.step_rows == 4
+        assert text == tok.decode(greedy_reference(model, ids, 6), skip_special_tokens=True)
+    finally:
+        engine.stop()
+    assert Engine(model, tok, max_batch=4, batch_invariant=False).short_steps

@@ -180,6 +180,38 @@ def kernel_available() -> bool:
     return load_kernel() is not None
 
 
+_row_invariant: Optional[bool] = None
+
+
+def rows_are_independent() -> bool:
+    """Whether the product kernels give each row of x the same bits whatever the number of rows beside it:
+    every output is the same chain of multiply-adds over K in every block shape, so it should hold, but it
+    rests on the compiler fusing them the same way in each shape, so it is checked once per process on
+    shapes that reach every block kind (one row of 16 or 8 side by side, 3 x 8, 6 x 4 and the tails). The
+    server relies on it to decode only the slots in use while keeping a seeded answer the same in any batch.
+    False where the kernels are not available."""
+    global _row_invariant
+    if _row_invariant is None:
+        lib = load_kernel()
+        _row_invariant = lib is not None and _rows_match(lib)
+    return _row_invariant
+
+
+def _rows_match(lib: ctypes.CDLL) -> bool:
+    g = torch.Generator().manual_seed(1)
+    for n, k in ((37, 50), (40, 512), (19, 96)):
+        w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+        q, scale = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.rand(n, generator=g)
+        x = torch.randn(MAX_ROWS, k, generator=g)
+        for fn, front, most in ((lib.lmf_stream_linear_f32, (w,), MAX_ROWS),
+                                (lib.lmf_stream_linear_i8, (q, scale), MAX_ROWS_INT8)):
+            one = torch.cat([_run(fn, x[i:i + 1], n, k, *front, b) for i in range(most)])
+            for rows in (2, 3, 4, 5, 7, 8, 9, 13, most):
+                if not torch.equal(_run(fn, x[:rows], n, k, *front, b), one[:rows]):
+                    return False
+    return True
+
+
 def _applies(x: torch.Tensor, k: int, tensors: tuple, max_rows: int) -> bool:
     """Whether a kernel can take this product: fp32 CPU input of 1..max_rows rows and no autograd."""
     rows = x.numel() // k if k else 0

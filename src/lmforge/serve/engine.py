@@ -18,7 +18,10 @@ run, and results may differ in the last bits between batch makeups.
 
 Where the compiled step applies (``lmforge.fused``: CPU models laid out for inference), a step runs
 through it, each slot writing and attending at its own length; otherwise through the model's forward,
-over all key positions of the window (batch-invariant) or those in use, with a key mask per slot.
+over all key positions of the window (batch-invariant) or those in use, with a key mask per slot. The
+compiled step's arithmetic for a row does not depend on the other rows or on how many there are (checked
+once per process, ``lmforge.kernels.rows_are_independent``), so there a batch-invariant step covers only
+the slots up to the highest busy one, as a step without invariance does.
 
 Shape legend: M slots in the step, S key slots in its window, K kv heads, D head dim, V vocabulary.
 """
@@ -219,6 +222,13 @@ class Engine:
         self.fused = None if self.per_row else decode_step_for(model)
         if self.fused is not None and self.slots > self.fused.max_rows:
             self.fused = None
+        # Where the compiled step's products give each row the same bits whatever rows run beside it
+        # (checked once: lmforge.kernels.rows_are_independent), a batch-invariant step need not cover the
+        # free slots: it runs the rows up to the highest busy slot, and a seeded answer stays the same.
+        from ..kernels import rows_are_independent
+
+        self.short_steps = not batch_invariant or (self.fused is not None and rows_are_independent())
+        self.step_rows = 0  # rows in the last batched step
         self._free = list(range(self.slots))
         self._active: list[_Seq] = []
         self._waiting: collections.deque[Request] = collections.deque()
@@ -390,16 +400,17 @@ class Engine:
                 logits[s.slot] = self.model(tok_11, positions_BT=pos_1[:, None], cache=self.cache,
                                             last_only=True)[0, -1]
         else:
-            if self.batch_invariant:
-                M, S = self.slots, self.window
-            else:
+            if self.short_steps:
                 M, S = max(s.slot for s in seqs) + 1, max(s.pos for s in seqs) + 1
+            else:
+                M, S = self.slots, self.window
             tok_M = [self.pad_id] * M
             pos_M = [0] * M
             for s in seqs:
                 tok_M[s.slot], pos_M[s.slot] = s.pending, s.pos
             tok_M1 = torch.tensor(tok_M, dtype=torch.long, device=self.device)[:, None]
             pos_M = torch.tensor(pos_M, dtype=torch.long, device=self.device)
+            self.step_rows = M
             if self.fused is not None:
                 # Each row writes at its own position and attends to its slots [0, pos] only; a free row
                 # decodes a pad token into slot 0 of its own cache row, which the next prefill overwrites.
