@@ -3,7 +3,7 @@ the memory-bandwidth bound, batch 8 against batch 1, and weight-only int8 agains
 perplexity on the tinyshakespeare validation split).
 
     python -m bench.decode [--size 124m] [--new-tokens 128] [--prompt-tokens 32] [--rounds 3] [--threads N]
-                           [--ppl-model CKPT] [--shape n_layers=24,n_heads=16,d_model=1024]
+                           [--ppl-model CKPT] [--shape n_layers=24,n_heads=16,d_model=1024] [--arch gpt2|llama]
 
 A GPT-2-124M-shaped model with random weights (the speed of a forward does not depend on the values) is
 built in lmforge and copied into transformers' GPT2LMHeadModel through lmforge's own converter. Greedy
@@ -13,7 +13,8 @@ streamed at the read bandwidth measured in the same run: the faster of a sum ove
 (torch, one stream per thread) and lmforge's product kernel reading the same amount as a 768-wide matrix
 (many rows side by side, which some hosts serve faster). All timings are interleaved rounds, medians
 reported. ``--shape`` changes entries of the 124M shape (n_layers, n_heads,
-d_model, vocab_size, block_size) to run another GPT-2 configuration, e.g. GPT-2 medium's blocks.
+d_model, vocab_size, block_size) to run another configuration, e.g. GPT-2 medium's blocks, and ``--arch llama``
+builds the llama-160m preset instead (RoPE, RMSNorm, SwiGLU, untied head) against LlamaForCausalLM.
 """
 from __future__ import annotations
 
@@ -35,21 +36,30 @@ SIZES = {  # GPT-2 shapes (Radford et al. 2019); "tiny" is for smoke tests
 }
 
 
-def build_pair(shape: dict, seed: int = 0):
+ARCHS = {"gpt2": "gpt2-124m", "llama": "llama-160m"}  # --arch: the preset whose architecture is built
+
+
+def build_pair(shape: dict, seed: int = 0, arch: str = "gpt2"):
+    """lmforge's model of ``arch`` (its preset with ``shape``'s entries) with random weights, and the same
+    weights in transformers' model for that architecture (GPT2LMHeadModel, LlamaForCausalLM)."""
     from lmforge.interop.hf import state_to_hf
     from lmforge.models import build_model
     from lmforge.models.presets import get_preset
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = dataclasses.replace(get_preset("gpt2-124m"), **shape)
+    cfg = dataclasses.replace(get_preset(ARCHS[arch]), **shape)
     model = build_model(cfg).eval()
     hf_cfg, hf_state = state_to_hf(cfg, model.state_dict())
+    kind = hf_cfg["model_type"]
     hf_cfg = {k: v for k, v in hf_cfg.items() if k not in ("architectures", "model_type", "torch_dtype", "dtype")}
-    hf = GPT2LMHeadModel(GPT2Config(**hf_cfg, attn_implementation="sdpa")).eval()
+    config = AutoConfig.for_model(kind, **hf_cfg)
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     missing, unexpected = hf.load_state_dict(hf_state, strict=False)
-    assert not unexpected and all("lm_head" in k or "attn.bias" in k or "masked_bias" in k for k in missing), missing
-    hf.tie_weights()
+    assert not unexpected and all(any(s in k for s in ("lm_head", "attn.bias", "masked_bias", "rotary_emb"))
+                                  for k in missing), missing
+    if cfg.tie_embeddings:
+        hf.tie_weights()
     return model, hf
 
 
@@ -164,7 +174,10 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="124m", choices=sorted(SIZES))
     ap.add_argument("--shape", type=shape_arg(SIZES["124m"]),
-                    help="another GPT-2 shape: key=value,... over the 124m entries (overrides --size)")
+                    help="another shape: key=value,... over the 124m entries (overrides --size)")
+    ap.add_argument("--arch", default="gpt2", choices=sorted(ARCHS),
+                    help="gpt2: GPT-2 124M (GPT2LMHeadModel); llama: the llama-160m preset as it is, RoPE, "
+                         "RMSNorm, SwiGLU, untied head (LlamaForCausalLM); --shape changes either")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=8, help="the batched decoding case")
@@ -180,13 +193,14 @@ def main(argv=None) -> dict:
     from lmforge.packed import StreamLinear
     from lmforge.quantize import quantize_model
 
-    shape = args.shape or SIZES[args.size]
-    name = args.size if args.shape is None else ",".join(f"{k}={v}" for k, v in shape.items())
-    model, hf = build_pair(shape)
+    shape = args.shape or (SIZES[args.size] if args.arch == "gpt2" or args.size != "124m" else {})
+    name = ARCHS[args.arch] + ("" if args.shape is None and args.size == "124m" else " with " + (
+        args.size if args.shape is None else ",".join(f"{k}={v}" for k, v in shape.items())))
+    model, hf = build_pair(shape, arch=args.arch)
     n_params = sum(p.numel() for p in model.parameters())
-    unpacked = build_pair(shape)[0].eval()  # LM.load(..., pack=False): torch's default linear path
+    unpacked = build_pair(shape, arch=args.arch)[0].eval()  # LM.load(..., pack=False): torch's default linear path
     prepare_for_inference(model)  # what LM.load does on the CPU: fp32 linear layers packed for oneDNN
-    q8 = prepare_for_inference(build_pair(shape)[0], "int8")
+    q8 = prepare_for_inference(build_pair(shape, arch=args.arch)[0], "int8")
     V, N, P = model.cfg.vocab_size, args.new_tokens, args.prompt_tokens
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, V, (1, P), generator=g)
@@ -235,7 +249,7 @@ def main(argv=None) -> dict:
                          tps["lmforge int8 b1"])
     plain, forward = tps["lmforge fp32 b1, pack=False"], tps["lmforge fp32 b1, model forward"]
     print(f"machine: {machine()}; {threads} threads")
-    print(f"model: GPT-2 {name} shape, {n_params / 1e6:.1f}M params, fp32; "
+    print(f"model: {name}, {n_params / 1e6:.1f}M params, fp32; "
           f"prompt {P} tokens, {N} new tokens, greedy; {args.rounds} interleaved rounds (medians)")
     print(f"greedy tokens identical to transformers: {same} ({agree:.0%} of positions agree)")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s (sum {bw_sum / 1e9:.1f}, product kernel {bw_kernel / 1e9:.1f}, "

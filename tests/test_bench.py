@@ -169,11 +169,13 @@ def test_read_bandwidths_are_measured():
 
 
 @pytest.mark.slow
-def test_decode_bench_on_a_shape_of_ones_own(capsys):
+@pytest.mark.parametrize("arch,preset", [("gpt2", "gpt2-124m"), ("llama", "llama-160m")])
+def test_decode_bench_on_a_shape_of_ones_own(capsys, arch, preset):
     from bench import decode
 
     out = decode.main(["--shape", "n_layers=2,n_heads=2,d_model=64,vocab_size=300,block_size=128", "--rounds", "1",
-                       "--new-tokens", "8", "--prompt-tokens", "8", "--batch", "2", "--threads", "1"])
+                       "--new-tokens", "8", "--prompt-tokens", "8", "--batch", "2", "--threads", "1",
+                       "--arch", arch])
     text = capsys.readouterr().out
-    assert "GPT-2 n_layers=2,n_heads=2,d_model=64,vocab_size=300,block_size=128 shape" in text
+    assert f"{preset} with n_layers=2,n_heads=2,d_model=64,vocab_size=300,block_size=128," in text
     assert out["same"] and out["bandwidth"] == max(out["bandwidth_sum"], out["bandwidth_kernel"]) > 0
