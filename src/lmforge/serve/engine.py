@@ -10,18 +10,17 @@ deadline, and the next waiting request takes the slot at once; nobody waits for 
 
 Each sequence samples with its own settings and its own seeded ``torch.Generator`` (the same
 exponential-race sampler as ``lmforge.generate``), so its text depends only on its prompt, its settings
-and its seed. With ``batch_invariant`` (the default) every decode step also has the same shape, all slots
-whatever is running: the matrix kernels then do the same arithmetic for a row whatever the other rows
-hold, so a seeded request gives the same text alone or in a full batch, to the bit. Without it a step
-covers only the slots (and, through the forward, key positions) in use, which is cheaper when few requests
-run, and results may differ in the last bits between batch makeups.
+and its seed. With ``batch_invariant`` (the default) a seeded request gives the same text alone or in a
+full batch, to the bit; without it a step covers only the slots and key positions in use, and results may
+differ in the last bits between batch makeups. How a step keeps the invariance depends on its path:
 
-Where the compiled step applies (``lmforge.fused``: CPU models laid out for inference), a step runs
-through it, each slot writing and attending at its own length; otherwise through the model's forward,
-over all key positions of the window (batch-invariant) or those in use, with a key mask per slot. The
-compiled step's arithmetic for a row does not depend on the other rows or on how many there are (checked
-once per process, ``lmforge.kernels.rows_are_independent``), so there a batch-invariant step covers only
-the slots up to the highest busy one, as a step without invariance does.
+* Where the compiled step applies (``lmforge.fused``: CPU models laid out for inference), a step runs
+  through it, each slot writing and attending at its own length. Its arithmetic for a row does not depend
+  on the other rows or on how many there are (checked once per process,
+  ``lmforge.kernels.rows_are_independent``), so a step covers only the slots up to the highest busy one.
+* Otherwise a step runs the model's forward with a key mask per slot, and every batch-invariant step has
+  the same shape, all slots over all key positions of the window, whatever is running: the matrix kernels
+  then do the same arithmetic for a row whatever the other rows hold.
 
 Shape legend: M slots in the step, S key slots in its window, K kv heads, D head dim, V vocabulary.
 """
