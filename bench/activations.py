@@ -74,11 +74,13 @@ def main(argv=None) -> list[list]:
 def attention_rows(shapes: list[str], rounds: int, threads: int) -> list[list]:
     """Causal attention, forward + backward, on [B, H, T, D] views of one fused q/k/v projection (the
     layout the model gives it): torch's SDPA against lmforge's kernel, interleaved per shape."""
-    from lmforge.kernels import MAX_ATTENTION_D, MAX_ATTENTION_TD, _CausalAttention
+    from lmforge.kernels import _CausalAttention, attention_applies
 
     rows = []
     for shape in shapes:
         B, H, T, D = (int(v) for v in shape.lower().split("x"))
+        if D % 16:
+            raise SystemExit(f"{shape}: the kernel needs a head width that is a multiple of 16")
         qkv = torch.randn(B, T, 3, H, D)
         g = torch.randn(B, H, T, D)
         reps = max(1, 2_000_000 // (B * H * T * T * D // 64 + 1))
@@ -92,8 +94,8 @@ def attention_rows(shapes: list[str], rounds: int, threads: int) -> list[list]:
 
         t = interleave({"sdpa": step(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
                         "kernel": step(_CausalAttention.apply)}, rounds=rounds)
-        note = ("" if T * D <= MAX_ATTENTION_TD and D <= MAX_ATTENTION_D
-                else f" (past MAX_ATTENTION_TD={MAX_ATTENTION_TD} or MAX_ATTENTION_D: SDPA is used)")
+        views = [qkv[:, :, i].transpose(1, 2) for i in range(3)]
+        note = "" if attention_applies(*views) else " (the kernel does not take it: SDPA is used)"
         rows.append([f"{B}x{H}x{T}x{D}{note}", f"{t['sdpa'] / reps * 1e6:.0f}", f"{t['kernel'] / reps * 1e6:.0f}",
                      f"{t['sdpa'] / t['kernel']:.2f}x"])
     table(f"Causal attention forward + backward, fp32, {threads} threads",

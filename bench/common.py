@@ -81,18 +81,27 @@ def interleave(fns: dict[str, Callable[[], None]], rounds: int, reps: int = 1, w
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def best_seconds(fn: Callable[[], object], rounds: int) -> float:
+    """The shortest of ``rounds`` timed calls of ``fn``, after one untimed warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def matmul_peak_flops(n: int = 1024, rounds: int = 5) -> float:
     """fp32 matmul FLOP/s of this process's threads (an n x n x n GEMM, best of a few rounds)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     c = torch.empty(n, n)
-    torch.mm(a, b, out=c)
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
+
+    def four():
         for _ in range(4):
             torch.mm(a, b, out=c)
-        best = min(best, (time.perf_counter() - t0) / 4)
-    return 2 * n ** 3 / best
+
+    return 2 * n ** 3 / (best_seconds(four, rounds) / 4)
 
 
 def stream_bandwidth(mbytes: int = 512, rounds: int = 5) -> float:
@@ -102,14 +111,7 @@ def stream_bandwidth(mbytes: int = 512, rounds: int = 5) -> float:
     from lmforge.kernels import hugepage_empty
 
     numel = mbytes * (1 << 20) // 4
-    best = float("inf")
-    for x in (torch.ones(numel), hugepage_empty(numel).fill_(1.0)):
-        x.sum()
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            x.sum()
-            best = min(best, time.perf_counter() - t0)
-        del x
+    best = min(best_seconds(x.sum, rounds) for x in (torch.ones(numel), hugepage_empty(numel).fill_(1.0)))
     return numel * 4 / best
 
 
@@ -126,13 +128,7 @@ def kernel_read_bandwidth(mbytes: int = 512, rounds: int = 5, width: int = 768) 
     w = hugepage_empty(rows * width).fill_(1.0).view(rows, width)
     x = torch.ones(1, width)
     with torch.inference_mode():
-        stream_linear(x, w)
-        best = float("inf")
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            stream_linear(x, w)
-            best = min(best, time.perf_counter() - t0)
-    return w.numel() * 4 / best
+        return w.numel() * 4 / best_seconds(lambda: stream_linear(x, w), rounds)
 
 
 def table(title: str, header: list[str], rows: list[list], out=None) -> str:
