@@ -5,6 +5,7 @@ measured in the same run.
     python -m bench.train_step [--config char|124m|both] [--rounds 5] [--reps 10] [--threads N]
     python -m bench.train_step --shape n_layers=6,n_heads=6,d_model=384,block_size=256,batch=8
     python -m bench.train_step --config 124m --profile   # and where lmforge's step spends its time
+    python -m bench.train_step --config 124m --compare-loss   # and lmforge with the plain head + loss
 
 A step is forward, cross-entropy, backward, gradient clipping at 1.0 and AdamW (lr 1e-3, weight decay 0.1
 on matrices), on one fixed batch of random tokens. lmforge's step uses lmforge's model, its optimizer
@@ -29,6 +30,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from lmforge.models import head_loss
 
 from .common import interleave, machine, matmul_peak_flops, set_threads, shape_arg, table, verdict
 from .ref_gpt import RefConfig, RefGPT, ref_optimizer, ref_step
@@ -78,13 +81,14 @@ def profile_step(step, peak_flops: float, top: int = 12) -> list[list]:
         step()
     events = prof.key_averages(group_by_input_shape=True)
     total = sum(e.self_cpu_time_total for e in events)
-    matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm"))
+    products = ("aten::mm", "aten::addmm", "aten::addmm_")
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in products)
     rows = []
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
         rate = ""
         shapes = [s for s in (e.input_shapes or []) if s]
-        if e.key in ("aten::mm", "aten::addmm") and len(shapes) >= 2:
-            a, b = shapes[-2:] if e.key == "aten::addmm" else shapes[:2]
+        if e.key in products and len(shapes) >= 2:
+            a, b = shapes[:2] if e.key == "aten::mm" else shapes[-2:]
             gflops = 2 * a[0] * a[1] * b[1] * e.count / (e.self_cpu_time_total / 1e6) / 1e9
             rate = f"{gflops:.0f} ({gflops * 1e9 / peak_flops:.0%})"
         rows.append([e.key, " x ".join(str(list(s)) for s in shapes[-2:]) if shapes else "", e.count,
@@ -95,7 +99,7 @@ def profile_step(step, peak_flops: float, top: int = 12) -> list[list]:
 
 
 def run_config(name: str, rounds: int, reps: int, seed: int = 0, c: Optional[dict] = None,
-               profile: bool = False) -> list[list]:
+               profile: bool = False, compare_loss: bool = False) -> list[list]:
     from lmforge.config import OptimConfig
     from lmforge.train.optim import build_optimizer
     from lmforge.train.pretrain import causal_lm_loss
@@ -108,10 +112,14 @@ def run_config(name: str, rounds: int, reps: int, seed: int = 0, c: Optional[dic
     ocfg = OptimConfig(lr=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.99)
     fns, models = {}, {}
 
-    def lm_step_fn(model, opt):
+    def lm_step_fn(model, opt, fused_loss: bool = True):
         def step():
-            loss = causal_lm_loss(model, {"x": x, "y": y})
-            loss.backward()
+            head_loss.enabled = fused_loss
+            try:
+                loss = causal_lm_loss(model, {"x": x, "y": y})
+                loss.backward()
+            finally:
+                head_loss.enabled = True
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -137,6 +145,11 @@ def run_config(name: str, rounds: int, reps: int, seed: int = 0, c: Optional[dic
             hopt = ref_optimizer(hf)
             fns[f"{arch}: transformers"] = (lambda m=hf, o=hopt: ref_step(m, o, x, y, loss_fn=hf_loss))
             models[f"{arch}: transformers"] = hf
+        if compare_loss and gpt2:
+            lmp = lmforge_model(c, gpt2)
+            fns[f"{arch}: lmforge, LMFORGE_FUSED_LOSS=0"] = lm_step_fn(lmp, build_optimizer(lmp, ocfg, "cpu"),
+                                                                      fused_loss=False)
+            models[f"{arch}: lmforge, LMFORGE_FUSED_LOSS=0"] = lmp
         if name != "124m":
             lmf = lmforge_model(c, gpt2)
             fns[f"{arch}: lmforge, optim.fused=false"] = lm_step_fn(lmf, build_optimizer(
@@ -176,7 +189,8 @@ def run_config(name: str, rounds: int, reps: int, seed: int = 0, c: Optional[dic
                          f"{sum(faults[k][1:]) / (rounds * reps):,.0f}", f"{ratio:.2f}x", target])
         if f"{arch}: transformers" in fns:
             hf_sec = t[f"{arch}: transformers"] / reps
-            for k in (f"{arch}: lmforge", f"{arch}: lmforge, optim.fused=false"):
+            for k in (f"{arch}: lmforge", f"{arch}: lmforge, optim.fused=false",
+                      f"{arch}: lmforge, LMFORGE_FUSED_LOSS=0"):
                 if k in fns:
                     r = hf_sec / (t[k] / reps)
                     rows.append([f"{name} {k} vs transformers", "", "", "", "", f"{r:.2f}x", verdict(r, 1.25)])
@@ -196,6 +210,9 @@ def main(argv=None) -> list[list]:
                     help="also profile one of lmforge's GPT-2-style steps (torch.profiler) and print where it goes")
     ap.add_argument("--shape", type=shape_arg(CONFIGS["char"]),
                     help="run this configuration instead: key=value,... over the char one's entries")
+    ap.add_argument("--compare-loss", action="store_true",
+                    help="add lmforge's GPT-2-style step with the plain logits + cross-entropy path "
+                         "(LMFORGE_FUSED_LOSS=0) instead of the chunked head loss")
     ap.add_argument("--glibc-malloc", action="store_true",
                     help="leave malloc at glibc's defaults for every candidate; by default the whole run gets "
                          "the setting lmforge's training loop applies (lmforge.train.memory)")
@@ -207,11 +224,13 @@ def main(argv=None) -> list[list]:
     if args.shape:
         c = args.shape
         print("custom: " + ", ".join(f"{k}={v}" for k, v in c.items()))
-        rows += run_config("custom", args.rounds, args.reps or 10, c=c, profile=args.profile)
+        rows += run_config("custom", args.rounds, args.reps or 10, c=c, profile=args.profile,
+                           compare_loss=args.compare_loss)
         names = []
     for n in names:
         reps = args.reps or (1 if n == "124m" else 10)
-        rows += run_config(n, args.rounds if n != "124m" else min(args.rounds, 3), reps, profile=args.profile)
+        rows += run_config(n, args.rounds if n != "124m" else min(args.rounds, 3), reps, profile=args.profile,
+                           compare_loss=args.compare_loss)
     table(f"Training step ({threads} threads; ratio = baseline s/step / candidate s/step)",
           ["config: candidate", "ms/step", "tokens/s", "MFU", "page faults/step", "vs reference", "target"], rows)
     return rows

@@ -42,7 +42,7 @@ def test_train_step_bench_smoke(capsys):
     rows = train_step.main(["--config", "tiny", "--rounds", "1", "--reps", "1", "--threads", "1", "--profile"])
     out = capsys.readouterr().out
     assert "tiny gpt2: lmforge vs transformers" in out and "MFU" in out
-    assert "Where lmforge's step goes" in out and "aten::addmm" in out
+    assert "Where lmforge's step goes" in out and ("aten::mm" in out or "aten::addmm" in out)
     assert any(r[0] == "tiny nanogpt: lmforge" for r in rows)
     # A configuration of one's own (--shape): the char one with entries changed, both architectures.
     rows = train_step.main(["--shape", "n_layers=1,n_heads=2,d_model=32,block_size=24,batch=2", "--rounds", "1",

@@ -19,9 +19,9 @@ from ..config import FinetuneConfig
 
 def sft_loss_sum(model, batch: dict) -> torch.Tensor:
     """Cross-entropy summed over the batch's target tokens (labels -100 are context)."""
-    logits_BTV = model(batch["x"], positions_BT=batch.get("positions"), doc_ids_BT=batch.get("doc_ids"))
-    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["y"].flatten(), ignore_index=-100,
-                           reduction="sum")
+    from ..train.pretrain import next_token_loss
+
+    return next_token_loss(model, batch, "sum")
 
 
 def target_count(batch: dict) -> int:

@@ -26,8 +26,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import ModelConfig
+from .head_loss import fused_loss_applies, linear_cross_entropy
 from .layers import (MLP, Attention, KVCache, alibi_slopes, attention_mask, make_norm, rope_cos_sin,
                      rope_inv_freq, sinusoidal_encoding)
 
@@ -112,8 +114,9 @@ class DecoderLM(nn.Module):
     def forward(self, idx_BT: torch.Tensor, *, positions_BT: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, key_mask_BS: Optional[torch.Tensor] = None,
                 doc_ids_BT: Optional[torch.Tensor] = None, last_only: bool = False,
-                output_attentions: bool = False):
-        """Next-token logits.
+                output_attentions: bool = False, targets_BT: Optional[torch.Tensor] = None,
+                loss_reduction: str = "mean"):
+        """Next-token logits, or with ``targets_BT`` the cross-entropy loss.
 
         positions_BT: position of each token (default: cache length + 0..T-1); pass per-row positions
             for left-padded batches and for packed documents (positions restart at each document).
@@ -123,7 +126,14 @@ class DecoderLM(nn.Module):
         doc_ids_BT: document index of each token of a packed row; attention stays inside a document.
         last_only: compute logits for the last position only (decoding).
         output_attentions: take the explicit attention path and also return per-layer weights [B,H,T,S].
+        targets_BT: the next token at each position (-100: no loss there). Returns the cross-entropy instead
+            of the logits, reduced by ``loss_reduction`` ("mean" over the targets, or "sum"). On the CPU in
+            fp32 the head and the loss run in one chunked pass that never holds the [B,T,V] logits
+            (head_loss.py); elsewhere it is ``F.cross_entropy`` on the logits.
         """
+        if targets_BT is not None and (last_only or output_attentions or cache is not None):
+            raise ValueError("targets_BT computes the loss over every position: it cannot be combined with "
+                             "last_only, output_attentions or a KV cache")
         B, T = idx_BT.shape
         past = cache.length if cache is not None else 0
         if positions_BT is None:
@@ -155,7 +165,17 @@ class DecoderLM(nn.Module):
             cache.advance(T)
         if last_only:
             x_BTC = x_BTC[:, -1:]
-        logits_BTV = self.lm_head(self.norm_f(x_BTC))
+        h_BTC = self.norm_f(x_BTC)
+        if targets_BT is not None:
+            return self._loss(h_BTC, targets_BT, loss_reduction)
+        logits_BTV = self.lm_head(h_BTC)
         if output_attentions:
             return logits_BTV, all_weights
         return logits_BTV
+
+    def _loss(self, h_BTC: torch.Tensor, targets_BT: torch.Tensor, reduction: str) -> torch.Tensor:
+        head = self.lm_head
+        if type(head) is nn.Linear and head.bias is None and fused_loss_applies(h_BTC, head.weight):
+            return linear_cross_entropy(h_BTC.flatten(0, 1), head.weight, targets_BT.flatten(), reduction)
+        return F.cross_entropy(head(h_BTC).flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100,
+                               reduction=reduction)

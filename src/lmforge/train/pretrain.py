@@ -10,13 +10,25 @@ import torch.nn.functional as F
 
 from ..checkpoint import load_checkpoint, read_config, unwrap
 from ..config import PretrainConfig, UserError, to_dict, write_run_yaml
+from ..models.decoder import DecoderLM
 from .loop import TrainTask, load_resume_state, train
+
+
+def next_token_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the next token at every position (targets -100 are ignored), "mean" or "sum".
+    lmforge's decoder computes it inside its forward (through any DDP / FSDP / compile wrapper), which on
+    the CPU never materializes the logits; other models return logits and the loss is taken on them."""
+    kwargs = dict(positions_BT=batch.get("positions"), doc_ids_BT=batch.get("doc_ids"))
+    if isinstance(unwrap(model), DecoderLM):
+        return model(batch["x"], targets_BT=batch["y"], loss_reduction=reduction, **kwargs)
+    logits_BTV = model(batch["x"], **kwargs)
+    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["y"].flatten(), ignore_index=-100,
+                           reduction=reduction)
 
 
 def causal_lm_loss(model, batch: dict) -> torch.Tensor:
     """Mean cross-entropy of the next token at every position (targets -100 are ignored)."""
-    logits_BTV = model(batch["x"], positions_BT=batch.get("positions"), doc_ids_BT=batch.get("doc_ids"))
-    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["y"].flatten(), ignore_index=-100)
+    return next_token_loss(model, batch, "mean")
 
 
 def _config_diff(a, b, prefix="model") -> list[str]:

@@ -1,0 +1,137 @@
+"""The chunked output head + cross-entropy (models/head_loss.py) against F.cross_entropy on the logits."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+from lmforge.models import head_loss
+from lmforge.models.decoder import DecoderLM
+from lmforge.models.head_loss import chunk_rows, linear_cross_entropy
+from lmforge.train.pretrain import next_token_loss
+
+
+def operands(N, C, V, seed=0, ignore_every=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, C, generator=g)
+    W = torch.randn(V, C, generator=g) * 0.3
+    y = torch.randint(0, V, (N,), generator=g)
+    if ignore_every:
+        y[::ignore_every] = -100
+    return h, W, y
+
+
+def plain_and_fused(h, W, y, reduction="mean"):
+    out = []
+    for fn in (lambda a, b: F.cross_entropy(a @ b.t(), y, ignore_index=-100, reduction=reduction),
+               lambda a, b: linear_cross_entropy(a, b, y, reduction)):
+        a, b = h.clone().requires_grad_(), W.clone().requires_grad_()
+        loss = fn(a, b)
+        loss.backward()
+        out.append((loss.detach(), a.grad, b.grad))
+    return out
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("N,V", [(6, 11), (40, 1000), (2048, 1300)])
+def test_loss_and_gradients_match_cross_entropy_on_the_logits(reduction, N, V):
+    h, W, y = operands(N, 24, V, ignore_every=5)
+    (l0, dh0, dW0), (l1, dh1, dW1) = plain_and_fused(h, W, y, reduction)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dh1, dh0, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(dW1, dW0, rtol=1e-4, atol=1e-6)
+
+
+def test_many_chunks_with_targets_on_every_chunk_edge(monkeypatch):
+    monkeypatch.setattr(head_loss, "_CHUNK_ELEMENTS", 16 * 20)  # 20 tokens -> 256-row chunks (the minimum)
+    N, V = 20, 1000
+    assert chunk_rows(N, V) == 256 and V % 256 != 0
+    h, W, y = operands(N, 16, V, seed=3)
+    y[:8] = torch.tensor([0, 255, 256, 511, 512, 767, 768, 999])
+    y[8] = -100
+    # Large logits: the running maximum moves from chunk to chunk, which the rescaling must undo exactly.
+    W[300:310] *= 30
+    (l0, dh0, dW0), (l1, dh1, dW1) = plain_and_fused(h, W, y)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dh1, dh0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dW1, dW0, rtol=1e-4, atol=1e-5)
+
+
+def test_no_grad_matches_and_only_requested_gradients_are_computed():
+    h, W, y = operands(30, 16, 700)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, W, y), F.cross_entropy(h @ W.t(), y))
+    a = h.clone().requires_grad_()
+    linear_cross_entropy(a, W, y).backward()  # a frozen head (LoRA): no weight gradient made
+    assert W.grad is None
+    torch.testing.assert_close(a.grad, torch.func.grad(lambda t: F.cross_entropy(t @ W.t(), y))(h),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_all_targets_ignored_gives_nan_like_cross_entropy_and_bad_targets_are_refused():
+    h, W, y = operands(4, 8, 50)
+    none = torch.full_like(y, -100)
+    assert math.isnan(float(linear_cross_entropy(h, W, none))) and math.isnan(float(F.cross_entropy(h @ W.t(), none)))
+    assert float(linear_cross_entropy(h, W, none, "sum")) == 0.0
+    for bad in (50, -1):
+        y2 = y.clone()
+        y2[2] = bad
+        with pytest.raises(IndexError, match=f"target {bad} is out of bounds for a vocabulary of 50"):
+            linear_cross_entropy(h, W, y2)
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(h, W, y, "none")
+    with pytest.raises(ValueError, match="shapes do not match"):
+        linear_cross_entropy(h, W[:, :4], y)
+
+
+def test_autocast_and_the_switch_take_the_plain_path(monkeypatch):
+    calls = []
+    real = head_loss._LinearCrossEntropy.apply
+    monkeypatch.setattr(head_loss._LinearCrossEntropy, "apply", lambda *a: calls.append(1) or real(*a))
+    h, W, y = operands(6, 8, 40)
+    linear_cross_entropy(h, W, y)
+    assert calls == [1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = linear_cross_entropy(h, W, y)
+    monkeypatch.setattr(head_loss, "enabled", False)
+    linear_cross_entropy(h, W, y)
+    assert calls == [1]
+    assert abs(float(low) - float(F.cross_entropy(h @ W.t(), y))) < 0.05  # bf16 logits, same loss
+
+
+def tiny(tie: bool, bias: bool = False) -> DecoderLM:
+    torch.manual_seed(0)
+    return DecoderLM(ModelConfig(vocab_size=300, block_size=16, n_layers=2, n_heads=2, d_model=32, pos="learned",
+                                 tie_embeddings=tie, bias=bias, init_std=0.2))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_decoder_loss_and_every_parameter_gradient_match_the_logits_path(tie):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 300, (3, 16), generator=g)
+    y = torch.randint(0, 300, (3, 16), generator=g)
+    y[0, :5] = -100
+    grads = []
+    for fused in (False, True):
+        model = tiny(tie)
+        if fused:
+            loss = next_token_loss(model, {"x": x, "y": y}, "sum")
+        else:
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = grads
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-4)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_decoder_targets_refuse_decoding_options():
+    model = tiny(True)
+    x = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="targets_BT"):
+        model(x, targets_BT=x, last_only=True)
