@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
+from lmforge.kernels import kernel_available
 from lmforge.models import head_loss
 from lmforge.models.decoder import DecoderLM
 from lmforge.models.head_loss import chunk_rows, linear_cross_entropy
@@ -45,7 +46,12 @@ def test_loss_and_gradients_match_cross_entropy_on_the_logits(reduction, N, V):
     torch.testing.assert_close(dW1, dW0, rtol=1e-4, atol=1e-6)
 
 
-def test_many_chunks_with_targets_on_every_chunk_edge(monkeypatch):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_many_chunks_with_targets_on_every_chunk_edge(monkeypatch, kernel):
+    if kernel and not kernel_available():
+        pytest.skip("no C compiler for the CPU kernels")
+    if not kernel:  # torch's ops for each chunk's softmax instead of csrc/softmax.c
+        monkeypatch.setattr(head_loss, "softmax_chunk_", lambda *a: False)
     monkeypatch.setattr(head_loss, "_CHUNK_ELEMENTS", 16 * 20)  # 20 tokens -> 256-row chunks (the minimum)
     N, V = 20, 1000
     assert chunk_rows(N, V) == 256 and V % 256 != 0
@@ -135,3 +141,14 @@ def test_decoder_targets_refuse_decoding_options():
     x = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="targets_BT"):
         model(x, targets_BT=x, last_only=True)
+
+
+def test_cpu_kernels_build_and_pass_their_self_test_where_a_compiler_exists():
+    # A kernel that disagrees with torch turns every kernel off quietly (callers keep torch's ops); on a
+    # machine with gcc that must not happen unnoticed.
+    import os
+    import shutil
+
+    if os.environ.get("LMFORGE_CPU_KERNELS", "1") == "0" or not (os.environ.get("CC") or shutil.which("gcc")):
+        pytest.skip("no C compiler, or the kernels are turned off")
+    assert kernel_available()

@@ -49,7 +49,8 @@ from .models.layers import ScaledDotProductAttention
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).with_name("csrc")
-SOURCES = (_CSRC / "stream_linear.c", _CSRC / "gelu.c", _CSRC / "decode_step.c", _CSRC / "attention.c")
+SOURCES = (_CSRC / "stream_linear.c", _CSRC / "gelu.c", _CSRC / "decode_step.c", _CSRC / "attention.c",
+           _CSRC / "softmax.c")
 HEADERS = (_CSRC / "kernels.h",)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi", "-shared", "-fPIC"]
 # The most rows the kernels take. fp32: at 32 rows the kernel still beat F.linear and came within 20% of
@@ -93,7 +94,7 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
+        proc = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-lm", "-o", tmp], capture_output=True, text=True,
                               timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
@@ -124,12 +125,44 @@ def _self_test(lib: ctypes.CDLL) -> bool:
         return False
     if not torch.allclose(o, F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=1e-4, atol=1e-5):
         return False
+    if not _softmax_chunk_matches(lib, g):
+        return False
     x = torch.linspace(-12, 12, 1001)
     y, dx, g = torch.empty_like(x), torch.empty_like(x), torch.ones_like(x)
     lib.lmf_gelu_tanh_f32(x.data_ptr(), y.data_ptr(), x.numel())
     lib.lmf_gelu_tanh_backward_f32(g.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel())
     return (torch.allclose(y, F.gelu(x, approximate="tanh"), rtol=1e-5, atol=1e-6)
             and torch.allclose(dx, torch.ops.aten.gelu_backward(g, x, approximate="tanh"), rtol=1e-5, atol=1e-5))
+
+
+def _softmax_chunk_matches(lib: ctypes.CDLL, g: torch.Generator) -> bool:
+    """Two chunks of 70 x 83 logits through ``lmf_softmax_chunk_f32`` against torch's softmax over both."""
+    a, b = torch.randn(70, 83, generator=g) * 4, torch.randn(70, 83, generator=g) * 4 + 3
+    m, s = torch.full((83,), float("-inf")), torch.zeros(83)
+    ea, eb = a.clone(), b.clone()
+    lib.lmf_softmax_chunk_f32(ea.data_ptr(), 70, 83, m.data_ptr(), s.data_ptr())
+    m_a = m.clone()
+    lib.lmf_softmax_chunk_f32(eb.data_ptr(), 70, 83, m.data_ptr(), s.data_ptr())
+    p = torch.cat([ea * torch.exp(m_a - m), eb]) / s
+    both = torch.cat([a, b])
+    return (torch.allclose(p, torch.softmax(both, 0), rtol=1e-5, atol=1e-7)
+            and torch.allclose(m + s.log(), torch.logsumexp(both, 0), rtol=1e-6, atol=1e-5))
+
+
+def softmax_chunk_(E: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> bool:
+    """One chunk of the chunked head loss, in place (csrc/softmax.c): with E [rows, cols] of logits and each
+    column's running maximum ``m`` and sum ``s`` of exponentials, set m' = max(m, max over rows of E),
+    s = s * exp(m - m') + sum over rows of exp(E - m'), E = exp(E - m'), m = m'. All contiguous fp32 CPU
+    tensors. Returns False, changing nothing, where the kernels are not available."""
+    lib = _lib if _tried else load_kernel()
+    if lib is None:
+        return False
+    rows, cols = E.shape
+    if not (E.is_contiguous() and m.is_contiguous() and s.is_contiguous() and m.numel() == cols == s.numel()
+            and E.dtype == m.dtype == s.dtype == torch.float32):
+        raise ValueError("softmax_chunk_ takes a contiguous fp32 [rows, cols] chunk and [cols] running sums")
+    lib.lmf_softmax_chunk_f32(E.data_ptr(), rows, cols, m.data_ptr(), s.data_ptr())
+    return True
 
 
 class _Strides(ctypes.Structure):
@@ -163,6 +196,9 @@ def load_kernel() -> Optional[ctypes.CDLL]:
                 fn.restype = ctypes.c_int  # 0, or -1 when out of memory
                 fn.argtypes = ([ctypes.c_void_p] * pointers + [ctypes.c_long] * 4 + [_Strides] * strides
                                + [ctypes.c_float])
+            lib.lmf_softmax_chunk_f32.restype = None
+            lib.lmf_softmax_chunk_f32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                                                  ctypes.c_void_p]
             lib.lmf_decode_step.restype = None  # checked against the model's forward by lmforge.fused
             lib.lmf_decode_step.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
                                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]

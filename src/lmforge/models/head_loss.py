@@ -30,6 +30,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..kernels import softmax_chunk_
+
 IGNORE_INDEX = -100
 # A chunk holds about this many logits (4 MiB in fp32): small enough to stay in the last-level cache
 # between its product and its softmax, wide enough that the product runs at full rate.
@@ -83,14 +85,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             at = ((chunk_of_N == i) & valid_N).nonzero().squeeze(1)
             if at.numel():
                 z_N[at] = E[y_N[at] - a, at]
-            m_new = torch.maximum(m_N, E.amax(0))
-            s_N.mul_(torch.exp(m_N - m_new))
-            torch.exp(E.sub_(m_new), out=E)
-            s_N.add_(E.sum(0))
-            m_N = m_new
+            if not softmax_chunk_(E, m_N, s_N):  # the C kernel does these steps in two passes over E
+                m_new = torch.maximum(m_N, E.amax(0))
+                s_N.mul_(torch.exp(m_N - m_new))
+                torch.exp(E.sub_(m_new), out=E)
+                s_N.add_(E.sum(0))
+                m_N.copy_(m_new)
             if keep:
                 chunks.append(E)
-                maxima.append(m_new)
+                maxima.append(m_N.clone())
         total = torch.where(valid_N, m_N + s_N.log() - z_N, 0.0).sum()
         loss = total / count if reduction == "mean" else total
         if keep:
