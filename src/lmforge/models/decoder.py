@@ -141,7 +141,13 @@ class DecoderLM(nn.Module):
         if past + T > self.cfg.block_size and self.cfg.pos == "learned":
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.cfg.block_size}")
 
-        x_BTC = self.tok_emb(idx_BT)
+        fused = targets_BT is not None and self._fused_head(self.tok_emb.weight)
+        if fused and self.cfg.tie_embeddings and self.tok_emb.weight.requires_grad:
+            # The chunked head returns a dense gradient for the tied matrix; the lookup's gradient, made sparse
+            # here, is added into it in place instead of as a second [V, C] tensor of mostly zeros.
+            x_BTC = F.embedding(idx_BT, self.tok_emb.weight, sparse=True)
+        else:
+            x_BTC = self.tok_emb(idx_BT)
         if self.cfg.scale_embeddings:
             x_BTC = x_BTC * math.sqrt(self.cfg.d_model)
         if self.pos_emb is not None:
@@ -173,9 +179,12 @@ class DecoderLM(nn.Module):
             return logits_BTV, all_weights
         return logits_BTV
 
-    def _loss(self, h_BTC: torch.Tensor, targets_BT: torch.Tensor, reduction: str) -> torch.Tensor:
+    def _fused_head(self, h: torch.Tensor) -> bool:
         head = self.lm_head
-        if type(head) is nn.Linear and head.bias is None and fused_loss_applies(h_BTC, head.weight):
-            return linear_cross_entropy(h_BTC.flatten(0, 1), head.weight, targets_BT.flatten(), reduction)
-        return F.cross_entropy(head(h_BTC).flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100,
+        return type(head) is nn.Linear and head.bias is None and fused_loss_applies(h, head.weight)
+
+    def _loss(self, h_BTC: torch.Tensor, targets_BT: torch.Tensor, reduction: str) -> torch.Tensor:
+        if self._fused_head(h_BTC):
+            return linear_cross_entropy(h_BTC.flatten(0, 1), self.lm_head.weight, targets_BT.flatten(), reduction)
+        return F.cross_entropy(self.lm_head(h_BTC).flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100,
                                reduction=reduction)
