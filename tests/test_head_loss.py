@@ -15,6 +15,12 @@ from lmforge.models.head_loss import chunk_rows, linear_cross_entropy
 from lmforge.train.pretrain import next_token_loss
 
 
+@pytest.fixture(autouse=True)
+def chunked_at_any_size(monkeypatch):
+    """These tests run the chunked path on small operands too (it normally starts at 512 Ki logits)."""
+    monkeypatch.setattr(head_loss, "_MIN_LOGITS", 0)
+
+
 def operands(N, C, V, seed=0, ignore_every=0):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(N, C, generator=g)
@@ -93,7 +99,7 @@ def test_all_targets_ignored_gives_nan_like_cross_entropy_and_bad_targets_are_re
         linear_cross_entropy(h, W[:, :4], y)
 
 
-def test_autocast_and_the_switch_take_the_plain_path(monkeypatch):
+def test_autocast_the_switch_and_small_vocabularies_take_the_plain_path(monkeypatch):
     calls = []
     real = head_loss._LinearCrossEntropy.apply
     monkeypatch.setattr(head_loss._LinearCrossEntropy, "apply", lambda *a: calls.append(1) or real(*a))
@@ -104,7 +110,13 @@ def test_autocast_and_the_switch_take_the_plain_path(monkeypatch):
         low = linear_cross_entropy(h, W, y)
     monkeypatch.setattr(head_loss, "enabled", False)
     linear_cross_entropy(h, W, y)
+    monkeypatch.setattr(head_loss, "enabled", True)
+    monkeypatch.setattr(head_loss, "_MIN_LOGITS", 6 * 40 + 1)
+    linear_cross_entropy(h, W, y)
     assert calls == [1]
+    monkeypatch.setattr(head_loss, "_MIN_LOGITS", 6 * 40)
+    linear_cross_entropy(h, W, y)
+    assert calls == [1, 1]
     assert abs(float(low) - float(F.cross_entropy(h @ W.t(), y))) < 0.05  # bf16 logits, same loss
 
 

@@ -141,7 +141,7 @@ class DecoderLM(nn.Module):
         if past + T > self.cfg.block_size and self.cfg.pos == "learned":
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.cfg.block_size}")
 
-        fused = targets_BT is not None and self._fused_head(self.tok_emb.weight)
+        fused = targets_BT is not None and self._fused_head(self.tok_emb.weight, idx_BT.numel())
         if fused and self.cfg.tie_embeddings and self.tok_emb.weight.requires_grad:
             # The chunked head returns a dense gradient for the tied matrix; the lookup's gradient, made sparse
             # here, is added into it in place instead of as a second [V, C] tensor of mostly zeros.
@@ -179,9 +179,9 @@ class DecoderLM(nn.Module):
             return logits_BTV, all_weights
         return logits_BTV
 
-    def _fused_head(self, h: torch.Tensor) -> bool:
+    def _fused_head(self, h: torch.Tensor, n_tokens: Optional[int] = None) -> bool:
         head = self.lm_head
-        return type(head) is nn.Linear and head.bias is None and fused_loss_applies(h, head.weight)
+        return type(head) is nn.Linear and head.bias is None and fused_loss_applies(h, head.weight, n_tokens)
 
     def _loss(self, h_BTC: torch.Tensor, targets_BT: torch.Tensor, reduction: str) -> torch.Tensor:
         if self._fused_head(h_BTC):
