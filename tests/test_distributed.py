@@ -37,8 +37,8 @@ def data_dir(tmp_path_factory) -> Path:
     return root / "data"
 
 
-def run(nproc: int, *args, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def run(nproc: int, *args, timeout: int = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     if nproc == 1:
         cmd = [sys.executable, "-m", "lmforge", "pretrain", *map(str, args)]
     else:
@@ -105,6 +105,17 @@ def test_fsdp_equals_single_process_and_consolidates(data_dir, single, tmp_path)
                            "--out", tmp_path / "one"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "one" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_chunked_head_loss_under_ddp_and_fsdp_equals_the_plain_single_process(data_dir, single, tmp_path,
+                                                                              parallel):
+    # The tiny vocabulary normally takes the plain logits path; "always" forces the chunked head loss (and
+    # the tied lookup's sparse gradient) into every process of the sharded or replicated run.
+    out = tmp_path / parallel
+    run(2, "--data", data_dir, "--out", out, "--train.batch-size", "4", "--train.parallel", parallel, *COMMON,
+        env={"LMFORGE_FUSED_LOSS": "always"})
+    assert_close(losses(out), losses(single))
 
 
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])

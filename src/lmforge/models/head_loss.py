@@ -38,19 +38,19 @@ IGNORE_INDEX = -100
 # between its product and its softmax, wide enough that the product runs at full rate.
 _CHUNK_ELEMENTS = 1 << 20
 _MIN_CHUNK = 256
+# LMFORGE_FUSED_LOSS=0 turns the chunked path off (the plain logits path everywhere; benchmarks flip
+# ``enabled``), =always takes it at any size.
+_SETTING = os.environ.get("LMFORGE_FUSED_LOSS", "1")
+enabled = _SETTING != "0"
 # Below this many logits the plain path is as fast or faster: the chunked pass has a fixed cost of a few
 # hundred microseconds (2 threads, 768 tokens: even at a vocabulary of 512, 1.8x slower at 65).
-_MIN_LOGITS = 1 << 19
+_MIN_LOGITS = 0 if _SETTING == "always" else 1 << 19
 
 
 def chunk_rows(n_tokens: int, vocab: int) -> int:
     """Vocabulary rows per chunk for ``n_tokens`` tokens: about 1 Mi logits, a multiple of 16, at least 256."""
     rows = max(_MIN_CHUNK, (_CHUNK_ELEMENTS // max(n_tokens, 1)) // 16 * 16)
     return min(rows, vocab)
-
-
-# LMFORGE_FUSED_LOSS=0 turns the chunked path off (the plain logits path everywhere); benchmarks flip it.
-enabled = os.environ.get("LMFORGE_FUSED_LOSS", "1") != "0"
 
 
 def fused_loss_applies(h: torch.Tensor, weight: torch.Tensor, n_tokens: Optional[int] = None) -> bool:
