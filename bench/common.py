@@ -104,6 +104,19 @@ def matmul_peak_flops(n: int = 1024, rounds: int = 5) -> float:
     return 2 * n ** 3 / (best_seconds(four, rounds) / 4)
 
 
+def fma_peak_flops(rounds: int = 5, iters: int = 4_000_000) -> Optional[float]:
+    """fp32 FLOP/s of the vector units alone with this process's threads: independent fused multiply-adds in
+    registers, no memory traffic (lmforge's csrc/peak.c), best of a few rounds. What no matmul can exceed;
+    None where lmforge's kernels are not available."""
+    from lmforge.kernels import load_kernel
+
+    lib = load_kernel()
+    if lib is None:
+        return None
+    flops = lib.lmf_fma_loop(iters)  # the same count every call
+    return flops / best_seconds(lambda: lib.lmf_fma_loop(iters), rounds)
+
+
 def stream_bandwidth(mbytes: int = 512, rounds: int = 5) -> float:
     """Streaming memory bandwidth in bytes/s, counted as bytes read (a sum over a buffer far larger than the
     caches, as decoding reads weights: read-only). Best of a few rounds, over ordinary memory and over memory

@@ -17,7 +17,9 @@ Configurations:
     124m   GPT-2 small (12 layers, 12 heads, 768 wide, vocab 50257), block 128, batch 4 (CPU-sized batch)
     --shape k=v,...  any other configuration: the char one with these entries changed (vocab_size,
            block_size, n_layers, n_heads, d_model, batch), run like char (both architectures)
-MFU = model FLOPs per second / the fp32 matmul peak (a 1024^3 GEMM, interleaved with the candidates).
+MFU = model FLOPs per second / the fp32 matmul peak (a 1024^3 GEMM, interleaved with the candidates). The
+header also gives that peak as a share of the vector units' own rate (a loop of independent FMAs in
+registers, csrc/peak.c), what no matmul can exceed.
 Model FLOPs per token: 6 N + 12 L C T (N = parameters doing matmuls, i.e. all but the position
 embedding; the attention term as in PaLM, Chowdhery et al. 2022, appendix B).
 """
@@ -33,7 +35,8 @@ import torch.nn.functional as F
 
 from lmforge.models import head_loss
 
-from .common import interleave, machine, matmul_peak_flops, set_threads, shape_arg, table, verdict
+from .common import (fma_peak_flops, interleave, machine, matmul_peak_flops, set_threads, shape_arg, table,
+                     verdict)
 from .ref_gpt import RefConfig, RefGPT, ref_optimizer, ref_step
 
 CONFIGS = {
@@ -194,7 +197,10 @@ def run_config(name: str, rounds: int, reps: int, seed: int = 0, c: Optional[dic
                 if k in fns:
                     r = hf_sec / (t[k] / reps)
                     rows.append([f"{name} {k} vs transformers", "", "", "", "", f"{r:.2f}x", verdict(r, 1.25)])
-    print(f"{name}: B={B} T={T}, matmul peak {peak_flops / 1e9:.1f} GFLOP/s, {rounds} rounds x {reps} steps")
+    fma = fma_peak_flops()
+    print(f"{name}: B={B} T={T}, matmul peak {peak_flops / 1e9:.1f} GFLOP/s"
+          + (f" ({peak_flops / fma:.0%} of the FMA-loop peak, {fma / 1e9:.1f})" if fma else "")
+          + f", {rounds} rounds x {reps} steps")
     if profile:
         profile_step(fns["gpt2: lmforge"], peak_flops)
     return rows

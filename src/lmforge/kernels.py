@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).with_name("csrc")
 SOURCES = (_CSRC / "stream_linear.c", _CSRC / "gelu.c", _CSRC / "decode_step.c", _CSRC / "attention.c",
-           _CSRC / "softmax.c")
+           _CSRC / "softmax.c", _CSRC / "peak.c")
 HEADERS = (_CSRC / "kernels.h",)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi", "-shared", "-fPIC"]
 # The most rows the kernels take. fp32: at 32 rows the kernel still beat F.linear and came within 20% of
@@ -196,6 +196,8 @@ def load_kernel() -> Optional[ctypes.CDLL]:
                 fn.restype = ctypes.c_int  # 0, or -1 when out of memory
                 fn.argtypes = ([ctypes.c_void_p] * pointers + [ctypes.c_long] * 4 + [_Strides] * strides
                                + [ctypes.c_float])
+            lib.lmf_fma_loop.restype = ctypes.c_double
+            lib.lmf_fma_loop.argtypes = [ctypes.c_long]
             lib.lmf_softmax_chunk_f32.restype = None
             lib.lmf_softmax_chunk_f32.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
                                                   ctypes.c_void_p]

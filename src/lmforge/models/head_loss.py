@@ -2,9 +2,10 @@
 
 The plain path computes the logits ``h @ W^T`` [N, V], then ``log_softmax`` and the loss, and on the way back
 the logits' gradient [N, V] and two products with it. For GPT-2's 50,257-token vocabulary at 512 tokens the
-logits alone are 103 MB, written and read several times, and the head's forward product runs well below the
-machine's matmul rate: its output is too wide for the BLAS's blocking (``python -m bench.train_step --config
-124m --profile`` shows it).
+logits alone are 103 MB, written and read several times (and mapped afresh, page by page, whenever the
+allocator does not reuse the block), and the head's forward product, one matmul with a 50,257-wide output,
+runs well below the machine's matmul rate (64-71% of it in profiles of GPT-2 124M's step;
+``python -m bench.train_step --config 124m --compare-loss`` times both paths).
 
 ``linear_cross_entropy`` walks the vocabulary in chunks of rows of ``W`` instead:
 
