@@ -42,6 +42,9 @@ def test_train_step_bench_smoke(capsys):
     rows = train_step.main(["--config", "tiny", "--rounds", "1", "--reps", "1", "--threads", "1", "--profile"])
     out = capsys.readouterr().out
     assert "tiny gpt2: lmforge vs transformers" in out and "MFU" in out
+    from lmforge.kernels import kernel_available
+
+    assert ("of the FMA-loop peak" in out) == kernel_available()
     assert "Where lmforge's step goes" in out and ("aten::mm" in out or "aten::addmm" in out)
     assert any(r[0] == "tiny nanogpt: lmforge" for r in rows)
     # A configuration of one's own (--shape): the char one with entries changed, both architectures.
