@@ -17,7 +17,8 @@ from .loop import TrainTask, load_resume_state, train
 def next_token_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of the next token at every position (targets -100 are ignored), "mean" or "sum".
     lmforge's decoder computes it inside its forward (through any DDP / FSDP / compile wrapper), which on
-    the CPU never materializes the logits; other models return logits and the loss is taken on them."""
+    the CPU in fp32 does so without the [B, T, V] logits (models/head_loss.py); other models return logits
+    and the loss is taken on them."""
     kwargs = dict(positions_BT=batch.get("positions"), doc_ids_BT=batch.get("doc_ids"))
     if isinstance(unwrap(model), DecoderLM):
         return model(batch["x"], targets_BT=batch["y"], loss_reduction=reduction, **kwargs)
