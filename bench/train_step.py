@@ -6,6 +6,7 @@ measured in the same run.
     python -m bench.train_step --shape n_layers=6,n_heads=6,d_model=384,block_size=256,batch=8
     python -m bench.train_step --config 124m --profile   # and where lmforge's step spends its time
     python -m bench.train_step --config 124m --compare-loss   # and lmforge with the plain head + loss
+    python -m bench.train_step --config 124m --compare-linear # and lmforge with MKL for every product
 
 A step is forward, cross-entropy, backward, gradient clipping at 1.0 and AdamW (lr 1e-3, weight decay 0.1
 on matrices), on one fixed batch of random tokens. lmforge's step uses lmforge's model, its optimizer
@@ -33,6 +34,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from lmforge import kernels
 from lmforge.models import head_loss
 
 from .common import (fma_peak_flops, interleave, machine, matmul_peak_flops, set_threads, shape_arg, table,
@@ -84,17 +86,23 @@ def profile_step(step, peak_flops: float, top: int = 12) -> list[list]:
         step()
     events = prof.key_averages(group_by_input_shape=True)
     total = sum(e.self_cpu_time_total for e in events)
-    products = ("aten::mm", "aten::addmm", "aten::addmm_")
+    # The products and their operands as [M, K] x [K, N]: mm(a, b), addmm(bias, a, b) and addmm_ (MKL),
+    # and oneDNN's linear(x [M, K], weight [N, K], bias), shown as x times the weight transposed.
+    products = ("aten::mm", "aten::addmm", "aten::addmm_", "mkldnn::_linear_pointwise")
     matmul = sum(e.self_cpu_time_total for e in events if e.key in products)
     rows = []
     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
-        rate = ""
-        shapes = [s for s in (e.input_shapes or []) if s]
+        rate, shapes = "", [s for s in (e.input_shapes or []) if s]
+        operands = shapes[-2:]
         if e.key in products and len(shapes) >= 2:
-            a, b = shapes[:2] if e.key == "aten::mm" else shapes[-2:]
-            gflops = 2 * a[0] * a[1] * b[1] * e.count / (e.self_cpu_time_total / 1e6) / 1e9
+            if e.key == "mkldnn::_linear_pointwise":
+                operands = [shapes[0], shapes[1][::-1]]
+            elif e.key == "aten::mm":
+                operands = shapes[:2]
+            (m, k), n = operands[0], operands[1][1]
+            gflops = 2 * m * k * n * e.count / (e.self_cpu_time_total / 1e6) / 1e9
             rate = f"{gflops:.0f} ({gflops * 1e9 / peak_flops:.0%})"
-        rows.append([e.key, " x ".join(str(list(s)) for s in shapes[-2:]) if shapes else "", e.count,
+        rows.append([e.key, " x ".join(str(list(s)) for s in operands), e.count,
                      f"{e.self_cpu_time_total / 1e3:.1f}", f"{e.self_cpu_time_total / total:.1%}", rate])
     table(f"Where lmforge's step goes (torch.profiler, one step; matrix products {matmul / total:.1%} of "
           f"{total / 1e3:.0f} ms)", ["operator", "input shapes", "calls", "ms", "share", "GFLOP/s (of peak)"], rows)
@@ -102,7 +110,7 @@ def profile_step(step, peak_flops: float, top: int = 12) -> list[list]:
 
 
 def run_config(name: str, rounds: int, reps: int, seed: int = 0, c: Optional[dict] = None,
-               profile: bool = False, compare_loss: bool = False) -> list[list]:
+               profile: bool = False, compare_loss: bool = False, compare_linear: bool = False) -> list[list]:
     from lmforge.config import OptimConfig
     from lmforge.train.optim import build_optimizer
     from lmforge.train.pretrain import causal_lm_loss
@@ -115,14 +123,17 @@ def run_config(name: str, rounds: int, reps: int, seed: int = 0, c: Optional[dic
     ocfg = OptimConfig(lr=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.99)
     fns, models = {}, {}
 
-    def lm_step_fn(model, opt, fused_loss: bool = True):
+    def lm_step_fn(model, opt, fused_loss: bool = True, onednn: bool = True):
         def step():
             head_loss.enabled = fused_loss
+            dnn = kernels.onednn_linear_available()
+            kernels._onednn_ok = dnn and onednn
             try:
                 loss = causal_lm_loss(model, {"x": x, "y": y})
                 loss.backward()
             finally:
                 head_loss.enabled = True
+                kernels._onednn_ok = dnn
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -153,6 +164,11 @@ def run_config(name: str, rounds: int, reps: int, seed: int = 0, c: Optional[dic
             fns[f"{arch}: lmforge, LMFORGE_FUSED_LOSS=0"] = lm_step_fn(lmp, build_optimizer(lmp, ocfg, "cpu"),
                                                                       fused_loss=False)
             models[f"{arch}: lmforge, LMFORGE_FUSED_LOSS=0"] = lmp
+        if compare_linear and gpt2:
+            lmd = lmforge_model(c, gpt2)
+            fns[f"{arch}: lmforge, LMFORGE_ONEDNN_LINEAR=0"] = lm_step_fn(lmd, build_optimizer(lmd, ocfg, "cpu"),
+                                                                         onednn=False)
+            models[f"{arch}: lmforge, LMFORGE_ONEDNN_LINEAR=0"] = lmd
         if name != "124m":
             lmf = lmforge_model(c, gpt2)
             fns[f"{arch}: lmforge, optim.fused=false"] = lm_step_fn(lmf, build_optimizer(
@@ -193,7 +209,7 @@ def run_config(name: str, rounds: int, reps: int, seed: int = 0, c: Optional[dic
         if f"{arch}: transformers" in fns:
             hf_sec = t[f"{arch}: transformers"] / reps
             for k in (f"{arch}: lmforge", f"{arch}: lmforge, optim.fused=false",
-                      f"{arch}: lmforge, LMFORGE_FUSED_LOSS=0"):
+                      f"{arch}: lmforge, LMFORGE_FUSED_LOSS=0", f"{arch}: lmforge, LMFORGE_ONEDNN_LINEAR=0"):
                 if k in fns:
                     r = hf_sec / (t[k] / reps)
                     rows.append([f"{name} {k} vs transformers", "", "", "", "", f"{r:.2f}x", verdict(r, 1.25)])
@@ -219,6 +235,9 @@ def main(argv=None) -> list[list]:
     ap.add_argument("--compare-loss", action="store_true",
                     help="add lmforge's GPT-2-style step with the plain logits + cross-entropy path "
                          "(LMFORGE_FUSED_LOSS=0) instead of the chunked head loss")
+    ap.add_argument("--compare-linear", action="store_true",
+                    help="add lmforge's GPT-2-style step with every product through torch's mm/F.linear (MKL) "
+                         "instead of oneDNN for the linear layers (LMFORGE_ONEDNN_LINEAR=0)")
     ap.add_argument("--glibc-malloc", action="store_true",
                     help="leave malloc at glibc's defaults for every candidate; by default the whole run gets "
                          "the setting lmforge's training loop applies (lmforge.train.memory)")
@@ -231,12 +250,12 @@ def main(argv=None) -> list[list]:
         c = args.shape
         print("custom: " + ", ".join(f"{k}={v}" for k, v in c.items()))
         rows += run_config("custom", args.rounds, args.reps or 10, c=c, profile=args.profile,
-                           compare_loss=args.compare_loss)
+                           compare_loss=args.compare_loss, compare_linear=args.compare_linear)
         names = []
     for n in names:
         reps = args.reps or (1 if n == "124m" else 10)
         rows += run_config(n, args.rounds if n != "124m" else min(args.rounds, 3), reps, profile=args.profile,
-                           compare_loss=args.compare_loss)
+                           compare_loss=args.compare_loss, compare_linear=args.compare_linear)
     table(f"Training step ({threads} threads; ratio = baseline s/step / candidate s/step)",
           ["config: candidate", "ms/step", "tokens/s", "MFU", "page faults/step", "vs reference", "target"], rows)
     return rows

@@ -45,19 +45,23 @@ def test_train_step_bench_smoke(capsys):
     from lmforge.kernels import kernel_available
 
     assert ("of the FMA-loop peak" in out) == kernel_available()
-    assert "Where lmforge's step goes" in out and ("aten::mm" in out or "aten::addmm" in out)
+    assert "Where lmforge's step goes" in out and any(k in out for k in ("aten::mm", "aten::addmm", "mkldnn::"))
     assert any(r[0] == "tiny nanogpt: lmforge" for r in rows)
     # A configuration of one's own (--shape): the char one with entries changed, both architectures.
     # A vocabulary large enough for the chunked head loss, against the plain path (--compare-loss).
     from lmforge.models import head_loss
 
     rows = train_step.main(["--shape", "vocab_size=12000,n_layers=1,n_heads=2,d_model=32,block_size=24,batch=2",
-                            "--rounds", "1", "--reps", "1", "--threads", "1", "--compare-loss"])
+                            "--rounds", "1", "--reps", "1", "--threads", "1", "--compare-loss", "--compare-linear"])
     out = capsys.readouterr().out
     assert "custom: vocab_size=12000, block_size=24, n_layers=1, n_heads=2, d_model=32, batch=2" in out
     assert {"custom nanogpt: lmforge", "custom gpt2: transformers", "custom gpt2: lmforge, LMFORGE_FUSED_LOSS=0",
-            "custom gpt2: lmforge, LMFORGE_FUSED_LOSS=0 vs transformers"} <= {r[0] for r in rows}
-    assert head_loss.enabled  # the plain candidate's switch is put back
+            "custom gpt2: lmforge, LMFORGE_FUSED_LOSS=0 vs transformers",
+            "custom gpt2: lmforge, LMFORGE_ONEDNN_LINEAR=0"} <= {r[0] for r in rows}
+    assert head_loss.enabled  # the plain candidates' switches are put back
+    from lmforge import kernels
+
+    assert kernels.onednn_linear_available() == kernels._onednn_check()
 
 
 def test_shape_argument_changes_known_integer_entries_only():

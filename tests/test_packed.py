@@ -231,19 +231,60 @@ def test_use_cpu_kernels_swaps_gelu_and_attention_without_changing_the_model(mon
     want.sum().backward()
     want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    assert kernels.use_cpu_kernels(model) == 4 and kernels.use_cpu_kernels(model) == 0
+    dnn = kernels.onednn_linear_available()
+    linears = sum(type(m) is nn.Linear for m in model.modules()) if dnn else 0  # 4 per block and the head
+    assert kernels.use_cpu_kernels(model) == 4 + linears and kernels.use_cpu_kernels(model) == 0
     assert sum(type(m) is kernels.KernelGELU for m in model.modules()) == 2
     assert sum(type(m) is kernels.KernelAttention for m in model.modules()) == 2
-    calls = []
+    assert sum(type(m) is kernels.KernelLinear for m in model.modules()) == linears
+    calls, products = [], []
     real = kernels._CausalAttention.apply
     monkeypatch.setattr(kernels._CausalAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    real_linear = kernels._OneDNNLinear.apply
+    monkeypatch.setattr(kernels._OneDNNLinear, "apply", lambda *a: products.append(1) or real_linear(*a))
     got = model(x)
     assert len(calls) == 2  # the kernel ran in both blocks
+    assert len(products) == linears
     got.sum().backward()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-3, atol=1e-5)
     assert list(model.state_dict()) == list(state)
+
+
+@pytest.mark.skipif(not kernels.onednn_linear_available(), reason="this torch build has no oneDNN linear")
+@pytest.mark.parametrize("shape,bias,frozen", [((7, 50), True, False), ((2, 9, 64), False, False),
+                                               ((3, 5, 33), True, True)])
+def test_onednn_linear_matches_f_linear_forward_and_backward(shape, bias, frozen):
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(*shape, generator=g)
+    w0, b0 = torch.randn(24, shape[-1], generator=g), torch.randn(24, generator=g)
+    grad = torch.randn(*shape[:-1], 24, generator=g)
+    out = []
+    for fn in (F.linear, kernels.linear):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_(not frozen)
+        b = b0.clone().requires_grad_() if bias else None
+        y = fn(x, w, b)
+        y.backward(grad)
+        out.append([y, x.grad, w.grad, b.grad if bias else None])
+    for got, want in zip(out[1], out[0]):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_onednn_linear_leaves_other_dtypes_autocast_and_a_refused_check_to_f_linear(monkeypatch):
+    calls = []
+    real = kernels._OneDNNLinear.apply
+    monkeypatch.setattr(kernels._OneDNNLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    assert kernels.linear(x.double(), w.double()).dtype == torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.linear(x, w).dtype == torch.bfloat16  # autocast's cast, as F.linear does
+    monkeypatch.setattr(kernels, "_onednn_ok", False)
+    torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w))
+    assert calls == []
 
 
 def _qkv_views(B, H, T, D, dtype=torch.float32, qkv=None):

@@ -335,18 +335,103 @@ class KernelGELU(torch.nn.GELU):
         return gelu_tanh(x)
 
 
+# ------------------------------------------------------------------------------------------------------
+# Linear layers for fp32 CPU training through oneDNN, which torch ships beside MKL. torch's F.linear and mm
+# call MKL's sgemm; oneDNN's fp32 inner product, reached through torch.ops.mkldnn._linear_pointwise (the op
+# torch's own compiler emits for CPU linears), ran the forward and input-gradient products of GPT-2's
+# layers faster on a Zen 4 (python -m bench.train_step --compare-linear times the step both ways). The
+# weight gradient stays with MKL, which was as fast or faster for that product's shape (a reduction over
+# the tokens).
+
+_onednn_ok: Optional[bool] = None
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def onednn_linear_available() -> bool:
+    """Whether ``linear`` computes through oneDNN here: torch built with it, ``LMFORGE_ONEDNN_LINEAR`` not 0,
+    and the op agreeing with torch's products once, in every orientation the layer uses (checked once per
+    process)."""
+    global _onednn_ok
+    if _onednn_ok is None:
+        _onednn_ok = _onednn_check()
+    return _onednn_ok
+
+
+def _onednn_check() -> bool:
+    if os.environ.get("LMFORGE_ONEDNN_LINEAR", "1") == "0" or not torch.backends.mkldnn.is_available():
+        return False
+    g = torch.Generator().manual_seed(2)
+    x, w, b = torch.randn(37, 50, generator=g), torch.randn(29, 50, generator=g), torch.randn(29, generator=g)
+    gy = torch.randn(37, 29, generator=g)
+    try:
+        pairs = ((_onednn(x, w, b), F.linear(x, w, b)), (_onednn(gy, w.t()), gy @ w))
+    except (RuntimeError, AttributeError, NotImplementedError) as e:  # an op this build of torch lacks
+        log.info("lmforge.kernels: oneDNN linear unavailable (%s); using F.linear", e)
+        return False
+    return all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in pairs)
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias = bias is not None
+        return _onednn(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x2, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1]).contiguous()
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _onednn(g2, weight.t()).view(*grad.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1]:
+            dw = g2.t().mm(x2)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g2.sum(0)
+        return dx, dw, db
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; for fp32 CPU tensors outside autocast and torch.compile, its forward
+    and input gradient through oneDNN (``onednn_linear_available``), the weight gradient through torch's mm.
+    The same function to fp32 rounding."""
+    if (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
+            and weight.device.type == "cpu" and x.numel() > 0 and (bias is None or bias.dtype == torch.float32)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and onednn_linear_available()):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class KernelLinear(torch.nn.Linear):
+    """``nn.Linear`` computed by ``linear``; made in place by ``use_cpu_kernels`` for fp32 CPU training."""
+
+    plain_linear = True  # computes exactly F.linear(x, self.weight, self.bias): the chunked head loss takes it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 def use_cpu_kernels(model: torch.nn.Module) -> int:
     """Swap, in place, the modules of ``model`` that lmforge's CPU kernels compute faster (GPT-2's tanh
-    GELU, causal self-attention) for their kernel versions: same functions, no parameters, so checkpoints
-    do not change. Returns how many were swapped (0 where the kernels are not available)."""
-    if not kernel_available():
-        return 0
+    GELU, causal self-attention, and linear layers through oneDNN) for their kernel versions: same
+    functions, the same parameters, so checkpoints do not change. Returns how many were swapped (0 where
+    neither the kernels nor oneDNN are available)."""
+    kernels, dnn = kernel_available(), onednn_linear_available()
     found = 0
     for m in model.modules():
-        if type(m) is torch.nn.GELU and m.approximate == "tanh":
+        if kernels and type(m) is torch.nn.GELU and m.approximate == "tanh":
             m.__class__ = KernelGELU
-        elif type(m) is ScaledDotProductAttention:
+        elif kernels and type(m) is ScaledDotProductAttention:
             m.__class__ = KernelAttention
+        elif dnn and type(m) is torch.nn.Linear:
+            m.__class__ = KernelLinear
         else:
             continue
         found += 1

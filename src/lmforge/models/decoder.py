@@ -181,7 +181,8 @@ class DecoderLM(nn.Module):
 
     def _fused_head(self, h: torch.Tensor, n_tokens: Optional[int] = None) -> bool:
         head = self.lm_head
-        return type(head) is nn.Linear and head.bias is None and fused_loss_applies(h, head.weight, n_tokens)
+        plain = type(head) is nn.Linear or getattr(type(head), "plain_linear", False)
+        return plain and head.bias is None and fused_loss_applies(h, head.weight, n_tokens)
 
     def _loss(self, h_BTC: torch.Tensor, targets_BT: torch.Tensor, reduction: str) -> torch.Tensor:
         if self._fused_head(h_BTC):

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..kernels import softmax_chunk_
+from ..kernels import _onednn, onednn_linear_available, softmax_chunk_
 
 IGNORE_INDEX = -100
 # A chunk holds about this many logits (4 MiB in fp32): small enough to stay in the last-level cache
@@ -88,10 +88,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         z_N = torch.zeros(N, dtype=h_NC.dtype)
         hT = h_NC.t()
         chunk_of_N = torch.where(valid_N, y_N, 0) // rows
+        dnn = onednn_linear_available()
         chunks, maxima = [], []
         for i, a in enumerate(range(0, V, rows)):
             b = min(a + rows, V)
-            E = torch.mm(W_VC[a:b], hT)  # [b - a, N]
+            E = _onednn(W_VC[a:b], h_NC) if dnn else torch.mm(W_VC[a:b], hT)  # [b - a, N]
             at = ((chunk_of_N == i) & valid_N).nonzero().squeeze(1)
             if at.numel():
                 z_N[at] = E[y_N[at] - a, at]
@@ -124,6 +125,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh = torch.zeros_like(h_NC) if need_h else None
         dW = torch.empty(W_VC.shape, dtype=W_VC.dtype) if need_W else None
         chunk_of_N = torch.where(valid_N, y_N, 0) // rows
+        dnn = onednn_linear_available()
         for i, a in enumerate(range(0, W_VC.shape[0], rows)):
             b = min(a + rows, W_VC.shape[0])
             P = chunks[i]
@@ -134,7 +136,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 P[y_N[at] - a, at] -= step
             if need_h:
                 dh.addmm_(P.t(), W_VC[a:b])
-            if need_W:
+            if need_W and dnn:
+                dW[a:b] = _onednn(P, h_NC.t())
+            elif need_W:
                 torch.mm(P, h_NC, out=dW[a:b])
         return dh, dW, None, None
 
