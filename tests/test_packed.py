@@ -149,6 +149,18 @@ def test_hugepage_memory_is_aligned_and_outlives_its_mapping():
         assert part.data_ptr() % (2 << 20) == (1 << 20) * 4 % (2 << 20)
 
 
+def test_pack_linears_takes_the_layers_training_swapped_in(layout):
+    model = _model(True)
+    kernels.use_cpu_kernels(model)  # what training in this process did to it (KernelLinear where oneDNN runs)
+    x = torch.randint(0, 97, (2, 20))
+    with torch.inference_mode():
+        want = model(x)
+    assert pack_linears(model) == 2 * 4 + 1
+    assert sum(type(m) is layout for m in model.modules()) == 2 * 4 + 1
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_packed_model_gives_the_same_logits_and_state(tie, layout):
     model = _model(tie)

@@ -13,8 +13,10 @@ docs/benchmarks.md).
 slow, and the kernel computes the same function through one exp. ``causal_attention`` is causal
 self-attention, forward and backward, for fp32 blocks of CPU training and prefill (up to 3072 positions of
 64-wide heads, ``MAX_ATTENTION_TD``; ``python -m bench.activations`` times both against torch's).
-``use_cpu_kernels(model)`` swaps both in from the outside. The same library holds a whole decoding step
-of a decoder (``csrc/decode_step.c``), which ``lmforge.fused`` describes the model to.
+``use_cpu_kernels(model)`` swaps both in from the outside, and with them ``linear`` for the model's linear
+layers: torch's own oneDNN inner product for the forward and input-gradient products of fp32 CPU training,
+which ran faster than the MKL sgemm behind ``F.linear`` (no compiler needed). The same library holds a whole
+decoding step of a decoder (``csrc/decode_step.c``), which ``lmforge.fused`` describes the model to.
 
 The sources are compiled once per CPU model with ``-O3 -march=native -fopenmp`` into
 ``~/.cache/lmforge/kernels`` (``LMFORGE_KERNEL_DIR`` moves it) and loaded with ctypes; the library's OpenMP

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import hugepage_empty, kernel_available, stream_linear
+from .kernels import KernelLinear, hugepage_empty, kernel_available, stream_linear
 from .models import replace_module
 
 
@@ -180,6 +180,9 @@ def pack_linears(model: nn.Module, batch_hint: int = 1) -> int:
     p: Optional[torch.Tensor] = next(model.parameters(), None)
     if p is None or p.device.type != "cpu" or p.dtype != torch.float32:
         return 0
+    for m in model.modules():  # a model trained in this process: its training-time linears are plain again
+        if type(m) is KernelLinear:
+            m.__class__ = nn.Linear
     if kernel_available():
         model.eval()
         layers = [m for m in model.modules() if type(m) is nn.Linear]
