@@ -184,3 +184,13 @@ def test_the_chunked_path_still_runs_once_the_cpu_kernels_are_swapped_in(monkeyp
     loss = model(x, targets_BT=x)
     assert calls == [1]
     torch.testing.assert_close(loss, F.cross_entropy(model(x).flatten(0, 1), x.flatten()), rtol=1e-5, atol=1e-5)
+
+
+def test_tied_lookup_gives_a_gradient_of_its_own_when_the_head_took_the_plain_path():
+    W = torch.randn(40, 8, requires_grad=True)
+    idx = torch.tensor([[1, 5, 5, 39]])
+    slot = head_loss.TiedGradient()
+    (head_loss.tied_lookup(idx, W, slot) * torch.arange(8.0)).sum().backward()
+    W2 = W.detach().clone().requires_grad_()
+    (F.embedding(idx, W2) * torch.arange(8.0)).sum().backward()
+    assert torch.equal(W.grad, W2.grad) and slot.grad is None

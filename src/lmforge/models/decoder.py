@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .head_loss import fused_loss_applies, linear_cross_entropy
+from .head_loss import TiedGradient, fused_loss_applies, linear_cross_entropy, tied_lookup
 from .layers import (MLP, Attention, KVCache, alibi_slopes, attention_mask, make_norm, rope_cos_sin,
                      rope_inv_freq, sinusoidal_encoding)
 
@@ -141,11 +141,13 @@ class DecoderLM(nn.Module):
         if past + T > self.cfg.block_size and self.cfg.pos == "learned":
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.cfg.block_size}")
 
-        fused = targets_BT is not None and self._fused_head(self.tok_emb.weight, idx_BT.numel())
-        if fused and self.cfg.tie_embeddings and self.tok_emb.weight.requires_grad:
-            # The chunked head returns a dense gradient for the tied matrix; the lookup's gradient, made sparse
-            # here, is added into it in place instead of as a second [V, C] tensor of mostly zeros.
-            x_BTC = F.embedding(idx_BT, self.tok_emb.weight, sparse=True)
+        tied = None
+        if (targets_BT is not None and self.cfg.tie_embeddings and self.tok_emb.weight.requires_grad
+                and self._fused_head(self.tok_emb.weight, idx_BT.numel())):
+            # The chunked head computes the tied matrix's gradient; the lookup adds its rows into it in place
+            # instead of making a second [V, C] tensor of mostly zeros (head_loss.TiedGradient).
+            tied = TiedGradient()
+            x_BTC = tied_lookup(idx_BT, self.tok_emb.weight, tied)
         else:
             x_BTC = self.tok_emb(idx_BT)
         if self.cfg.scale_embeddings:
@@ -173,7 +175,7 @@ class DecoderLM(nn.Module):
             x_BTC = x_BTC[:, -1:]
         h_BTC = self.norm_f(x_BTC)
         if targets_BT is not None:
-            return self._loss(h_BTC, targets_BT, loss_reduction)
+            return self._loss(h_BTC, targets_BT, loss_reduction, tied)
         logits_BTV = self.lm_head(h_BTC)
         if output_attentions:
             return logits_BTV, all_weights
@@ -184,8 +186,10 @@ class DecoderLM(nn.Module):
         plain = type(head) is nn.Linear or getattr(type(head), "plain_linear", False)
         return plain and head.bias is None and fused_loss_applies(h, head.weight, n_tokens)
 
-    def _loss(self, h_BTC: torch.Tensor, targets_BT: torch.Tensor, reduction: str) -> torch.Tensor:
+    def _loss(self, h_BTC: torch.Tensor, targets_BT: torch.Tensor, reduction: str,
+              tied: Optional[TiedGradient] = None) -> torch.Tensor:
         if self._fused_head(h_BTC):
-            return linear_cross_entropy(h_BTC.flatten(0, 1), self.lm_head.weight, targets_BT.flatten(), reduction)
+            return linear_cross_entropy(h_BTC.flatten(0, 1), self.lm_head.weight, targets_BT.flatten(), reduction,
+                                        tied)
         return F.cross_entropy(self.lm_head(h_BTC).flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100,
                                reduction=reduction)

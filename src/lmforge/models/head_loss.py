@@ -75,9 +75,47 @@ def _check_targets(y: torch.Tensor, vocab: int) -> None:
                          f"(targets are 0..{vocab - 1}, or {IGNORE_INDEX} to ignore a position)")
 
 
+class TiedGradient:
+    """Where the head's weight gradient waits for the token lookup's rows, when the two share one matrix
+    (tied embeddings). Autograd would add the lookup's gradient to the head's as a second [V, C] tensor
+    (dense: zeros plus the rows; sparse: a copy of the head's plus the rows). Instead the head's backward,
+    which runs first, leaves its gradient here, and the lookup's backward adds its rows into it in place.
+    Autograd hands the matrix its gradient only once every use of it has been through the backward, so it
+    receives the sum."""
+
+    def __init__(self):
+        self.grad: Optional[torch.Tensor] = None
+
+
+class _TiedLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, idx, weight, slot: TiedGradient):
+        ctx.save_for_backward(idx)
+        ctx.slot, ctx.shape = slot, weight.shape
+        return F.embedding(idx, weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        head, ctx.slot.grad = ctx.slot.grad, None  # dropped here, so autograd holds the only reference
+        rows, flat = grad.reshape(-1, grad.shape[-1]), idx.reshape(-1)
+        if head is not None:
+            head.index_add_(0, flat, rows)
+            return None, None, None
+        dW = torch.zeros(ctx.shape, dtype=grad.dtype)  # the head took the plain path: a gradient of its own
+        return None, dW.index_add_(0, flat, rows), None
+
+
+def tied_lookup(idx: torch.Tensor, weight: torch.Tensor, slot: TiedGradient) -> torch.Tensor:
+    """``F.embedding(idx, weight)`` whose weight gradient is added into the one ``linear_cross_entropy(...,
+    tied=slot)`` computes for the same matrix (see ``TiedGradient``)."""
+    return _TiedLookup.apply(idx, weight, slot)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_NC, W_VC, y_N, reduction: str):
+    def forward(ctx, h_NC, W_VC, y_N, reduction: str, tied: Optional[TiedGradient]):
         N, V = h_NC.shape[0], W_VC.shape[0]
         keep = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         valid_N = y_N != IGNORE_INDEX
@@ -108,7 +146,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.where(valid_N, m_N + s_N.log() - z_N, 0.0).sum()
         loss = total / count if reduction == "mean" else total
         if keep:
-            ctx.chunks, ctx.maxima, ctx.rows, ctx.reduction = chunks, maxima, rows, reduction
+            ctx.chunks, ctx.maxima, ctx.rows, ctx.reduction, ctx.tied = chunks, maxima, rows, reduction, tied
             ctx.save_for_backward(h_NC, W_VC, y_N, m_N, s_N, count)
         return loss
 
@@ -140,15 +178,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 dW[a:b] = _onednn(P, h_NC.t())
             elif need_W:
                 torch.mm(P, h_NC, out=dW[a:b])
-        return dh, dW, None, None
+        if need_W and ctx.tied is not None:
+            ctx.tied.grad = dW
+        return dh, dW, None, None, None
 
 
 def linear_cross_entropy(h_NC: torch.Tensor, weight_VC: torch.Tensor, y_N: torch.Tensor,
-                         reduction: str = "mean") -> torch.Tensor:
+                         reduction: str = "mean", tied: Optional[TiedGradient] = None) -> torch.Tensor:
     """``F.cross_entropy(h_NC @ weight_VC.T, y_N, ignore_index=-100, reduction=reduction)`` without the [N, V]
     logits (see the module docstring). reduction: "mean" (over the targets that are not -100; nan when there
     are none, as ``F.cross_entropy``) or "sum". Falls back to that expression where ``fused_loss_applies``
-    is false."""
+    is false. tied: the ``TiedGradient`` of a ``tied_lookup`` of the same weight, for tied embeddings."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
     if h_NC.dim() != 2 or weight_VC.dim() != 2 or h_NC.shape[1] != weight_VC.shape[1]:
@@ -159,4 +199,4 @@ def linear_cross_entropy(h_NC: torch.Tensor, weight_VC: torch.Tensor, y_N: torch
         return F.cross_entropy(F.linear(h_NC, weight_VC).float(), y_N, ignore_index=IGNORE_INDEX,
                                reduction=reduction)
     _check_targets(y_N, weight_VC.shape[0])
-    return _LinearCrossEntropy.apply(h_NC.contiguous(), weight_VC, y_N.long(), reduction)
+    return _LinearCrossEntropy.apply(h_NC.contiguous(), weight_VC, y_N.long(), reduction, tied)
