@@ -342,8 +342,8 @@ class KernelGELU(torch.nn.GELU):
 # call MKL's sgemm; oneDNN's fp32 inner product, reached through torch.ops.mkldnn._linear_pointwise (the op
 # torch's own compiler emits for CPU linears), ran the forward and input-gradient products of GPT-2's
 # layers faster on a Zen 4 (python -m bench.train_step --compare-linear times the step both ways). The
-# weight gradient (a reduction over the tokens) stays with MKL, which was as fast or faster for it, except
-# for layers with more inputs than outputs, where oneDNN was faster.
+# weight gradient stays with MKL, which was as fast or faster for that product's shape (a reduction over
+# the tokens).
 
 _onednn_ok: Optional[bool] = None
 
@@ -369,8 +369,7 @@ def _onednn_check() -> bool:
     x, w, b = torch.randn(37, 50, generator=g), torch.randn(29, 50, generator=g), torch.randn(29, generator=g)
     gy = torch.randn(37, 29, generator=g)
     try:
-        pairs = ((_onednn(x, w, b), F.linear(x, w, b)), (_onednn(gy, w.t()), gy @ w),
-                 (_onednn(gy.t(), x.t()), gy.t() @ x))
+        pairs = ((_onednn(x, w, b), F.linear(x, w, b)), (_onednn(gy, w.t()), gy @ w))
     except (RuntimeError, AttributeError, NotImplementedError) as e:  # an op this build of torch lacks
         log.info("lmforge.kernels: oneDNN linear unavailable (%s); using F.linear", e)
         return False
@@ -393,9 +392,7 @@ class _OneDNNLinear(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = _onednn(g2, weight.t()).view(*grad.shape[:-1], weight.shape[1])
-        if ctx.needs_input_grad[1] and weight.shape[1] > weight.shape[0]:
-            dw = _onednn(g2.t(), x2.t())  # more inputs than outputs (GPT-2's fc2): oneDNN was the faster
-        elif ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1]:
             dw = g2.t().mm(x2)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = g2.sum(0)
