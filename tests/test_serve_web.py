@@ -91,6 +91,12 @@ def test_chat_page_streams_an_answer(browser, web_server):
                 if (a && a.dataset.done === 'false') window.partials.push(a.textContent.length);
             }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
         }""")
+        # However fast the machine decodes, the answer must reach the page over time for it to show pieces:
+        # hold the download to 8 KB/s from here on (the streamed events take about a second).
+        cdp = page.context.new_cdp_session(page)
+        cdp.send("Network.enable")
+        cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": 8000,
+                                                      "uploadThroughput": -1})
         page.fill("#input", MESSAGES[1]["content"])
         page.press("#input", "Enter")
         page.wait_for_selector(".msg.user", timeout=10_000)
