@@ -342,8 +342,8 @@ class KernelGELU(torch.nn.GELU):
 # call MKL's sgemm; oneDNN's fp32 inner product, reached through torch.ops.mkldnn._linear_pointwise (the op
 # torch's own compiler emits for CPU linears), ran the forward and input-gradient products of GPT-2's
 # layers faster on a Zen 4 (python -m bench.train_step --compare-linear times the step both ways). The
-# weight gradient stays with MKL, which was as fast or faster for that product's shape (a reduction over
-# the tokens).
+# weight gradient (a reduction over the tokens) stays with MKL, which was as fast or faster for it in most
+# of GPT-2's layers.
 
 _onednn_ok: Optional[bool] = None
 
