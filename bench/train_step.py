@@ -159,21 +159,15 @@ def run_config(name: str, rounds: int, reps: int, seed: int = 0, c: Optional[dic
             hopt = ref_optimizer(hf)
             fns[f"{arch}: transformers"] = (lambda m=hf, o=hopt: ref_step(m, o, x, y, loss_fn=hf_loss))
             models[f"{arch}: transformers"] = hf
-        if compare_loss and gpt2:
-            lmp = lmforge_model(c, gpt2)
-            fns[f"{arch}: lmforge, LMFORGE_FUSED_LOSS=0"] = lm_step_fn(lmp, build_optimizer(lmp, ocfg, "cpu"),
-                                                                      fused_loss=False)
-            models[f"{arch}: lmforge, LMFORGE_FUSED_LOSS=0"] = lmp
-        if compare_linear and gpt2:
-            lmd = lmforge_model(c, gpt2)
-            fns[f"{arch}: lmforge, LMFORGE_ONEDNN_LINEAR=0"] = lm_step_fn(lmd, build_optimizer(lmd, ocfg, "cpu"),
-                                                                         onednn=False)
-            models[f"{arch}: lmforge, LMFORGE_ONEDNN_LINEAR=0"] = lmd
-        if name != "124m":
-            lmf = lmforge_model(c, gpt2)
-            fns[f"{arch}: lmforge, optim.fused=false"] = lm_step_fn(lmf, build_optimizer(
-                lmf, dataclasses.replace(ocfg, fused=False), "cpu"))
-            models[f"{arch}: lmforge, optim.fused=false"] = lmf
+        # lmforge's step with one of its speed-ups off: (label, wanted, optimizer settings, step switches)
+        switched = [("LMFORGE_FUSED_LOSS=0", compare_loss and gpt2, ocfg, dict(fused_loss=False)),
+                    ("LMFORGE_ONEDNN_LINEAR=0", compare_linear and gpt2, ocfg, dict(onednn=False)),
+                    ("optim.fused=false", name != "124m", dataclasses.replace(ocfg, fused=False), {})]
+        for label, wanted, settings, switches in switched:
+            if wanted:
+                m = lmforge_model(c, gpt2)
+                fns[f"{arch}: lmforge, {label}"] = lm_step_fn(m, build_optimizer(m, settings, "cpu"), **switches)
+                models[f"{arch}: lmforge, {label}"] = m
     peak = []
     n_peak = 1024 if name != "tiny" else 256
 
@@ -208,11 +202,9 @@ def run_config(name: str, rounds: int, reps: int, seed: int = 0, c: Optional[dic
                          f"{sum(faults[k][1:]) / (rounds * reps):,.0f}", f"{ratio:.2f}x", target])
         if f"{arch}: transformers" in fns:
             hf_sec = t[f"{arch}: transformers"] / reps
-            for k in (f"{arch}: lmforge", f"{arch}: lmforge, optim.fused=false",
-                      f"{arch}: lmforge, LMFORGE_FUSED_LOSS=0", f"{arch}: lmforge, LMFORGE_ONEDNN_LINEAR=0"):
-                if k in fns:
-                    r = hf_sec / (t[k] / reps)
-                    rows.append([f"{name} {k} vs transformers", "", "", "", "", f"{r:.2f}x", verdict(r, 1.25)])
+            for k in [k for k in fns if k.startswith(f"{arch}: lmforge")]:
+                r = hf_sec / (t[k] / reps)
+                rows.append([f"{name} {k} vs transformers", "", "", "", "", f"{r:.2f}x", verdict(r, 1.25)])
     fma = fma_peak_flops()
     print(f"{name}: B={B} T={T}, matmul peak {peak_flops / 1e9:.1f} GFLOP/s"
           + (f" ({peak_flops / fma:.0%} of the FMA-loop peak, {fma / 1e9:.1f})" if fma else "")

@@ -243,6 +243,7 @@ def test_use_cpu_kernels_swaps_gelu_and_attention_without_changing_the_model(mon
     want.sum().backward()
     want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_MACS", 0)  # this small model's products through oneDNN too
     dnn = kernels.onednn_linear_available()
     linears = sum(type(m) is nn.Linear for m in model.modules()) if dnn else 0  # 4 per block and the head
     assert kernels.use_cpu_kernels(model) == 4 + linears and kernels.use_cpu_kernels(model) == 0
@@ -267,7 +268,11 @@ def test_use_cpu_kernels_swaps_gelu_and_attention_without_changing_the_model(mon
 @pytest.mark.skipif(not kernels.onednn_linear_available(), reason="this torch build has no oneDNN linear")
 @pytest.mark.parametrize("shape,bias,frozen", [((7, 50), True, False), ((2, 9, 64), False, False),
                                                ((3, 5, 33), True, True)])
-def test_onednn_linear_matches_f_linear_forward_and_backward(shape, bias, frozen):
+def test_onednn_linear_matches_f_linear_forward_and_backward(shape, bias, frozen, monkeypatch):
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_MACS", 0)
+    calls = []
+    real = kernels._OneDNNLinear.apply
+    monkeypatch.setattr(kernels._OneDNNLinear, "apply", lambda *a: calls.append(1) or real(*a))
     g = torch.Generator().manual_seed(4)
     x0 = torch.randn(*shape, generator=g)
     w0, b0 = torch.randn(24, shape[-1], generator=g), torch.randn(24, generator=g)
@@ -279,6 +284,7 @@ def test_onednn_linear_matches_f_linear_forward_and_backward(shape, bias, frozen
         y = fn(x, w, b)
         y.backward(grad)
         out.append([y, x.grad, w.grad, b.grad if bias else None])
+    assert calls == [1]
     for got, want in zip(out[1], out[0]):
         if want is None:
             assert got is None
@@ -286,17 +292,23 @@ def test_onednn_linear_matches_f_linear_forward_and_backward(shape, bias, frozen
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_onednn_linear_leaves_other_dtypes_autocast_and_a_refused_check_to_f_linear(monkeypatch):
+def test_onednn_linear_leaves_small_products_other_dtypes_autocast_and_a_refused_check_to_f_linear(monkeypatch):
     calls = []
     real = kernels._OneDNNLinear.apply
     monkeypatch.setattr(kernels._OneDNNLinear, "apply", lambda *a: calls.append(1) or real(*a))
     x, w = torch.randn(4, 8), torch.randn(3, 8)
+    kernels.linear(x, w)  # 96 multiply-adds: below ONEDNN_MIN_MACS
+    assert calls == []
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_MACS", 0)
     assert kernels.linear(x.double(), w.double()).dtype == torch.float64
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert kernels.linear(x, w).dtype == torch.bfloat16  # autocast's cast, as F.linear does
     monkeypatch.setattr(kernels, "_onednn_ok", False)
     torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w))
     assert calls == []
+    monkeypatch.setattr(kernels, "_onednn_ok", kernels._onednn_check())
+    kernels.linear(x, w)
+    assert calls == ([1] if kernels._onednn_ok else [])  # the same call goes to oneDNN once all else allows
 
 
 def _qkv_views(B, H, T, D, dtype=torch.float32, qkv=None):

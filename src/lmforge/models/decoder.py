@@ -141,9 +141,10 @@ class DecoderLM(nn.Module):
         if past + T > self.cfg.block_size and self.cfg.pos == "learned":
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.cfg.block_size}")
 
+        # The chunked head loss (head_loss.py), decided once from the head's weight and the token count.
+        fused = targets_BT is not None and self._fused_head(idx_BT.numel())
         tied = None
-        if (targets_BT is not None and self.cfg.tie_embeddings and self.tok_emb.weight.requires_grad
-                and self._fused_head(self.tok_emb.weight, idx_BT.numel())):
+        if fused and self.cfg.tie_embeddings and self.tok_emb.weight.requires_grad:
             # The chunked head computes the tied matrix's gradient; the lookup adds its rows into it in place
             # instead of making a second [V, C] tensor of mostly zeros (head_loss.TiedGradient).
             tied = TiedGradient()
@@ -175,21 +176,19 @@ class DecoderLM(nn.Module):
             x_BTC = x_BTC[:, -1:]
         h_BTC = self.norm_f(x_BTC)
         if targets_BT is not None:
-            return self._loss(h_BTC, targets_BT, loss_reduction, tied)
+            if fused:
+                return linear_cross_entropy(h_BTC.flatten(0, 1), self.lm_head.weight, targets_BT.flatten(),
+                                            loss_reduction, tied)
+            return F.cross_entropy(self.lm_head(h_BTC).flatten(0, 1).float(), targets_BT.flatten(),
+                                   ignore_index=-100, reduction=loss_reduction)
         logits_BTV = self.lm_head(h_BTC)
         if output_attentions:
             return logits_BTV, all_weights
         return logits_BTV
 
-    def _fused_head(self, h: torch.Tensor, n_tokens: Optional[int] = None) -> bool:
+    def _fused_head(self, n_tokens: int) -> bool:
         head = self.lm_head
         plain = type(head) is nn.Linear or getattr(type(head), "plain_linear", False)
-        return plain and head.bias is None and fused_loss_applies(h, head.weight, n_tokens)
-
-    def _loss(self, h_BTC: torch.Tensor, targets_BT: torch.Tensor, reduction: str,
-              tied: Optional[TiedGradient] = None) -> torch.Tensor:
-        if self._fused_head(h_BTC):
-            return linear_cross_entropy(h_BTC.flatten(0, 1), self.lm_head.weight, targets_BT.flatten(), reduction,
-                                        tied)
-        return F.cross_entropy(self.lm_head(h_BTC).flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100,
-                               reduction=reduction)
+        # Decided before the forward runs: the hidden states will have the weight's dtype and device (autocast,
+        # which would change that, is one of the cases fused_loss_applies refuses).
+        return plain and head.bias is None and fused_loss_applies(head.weight, head.weight, n_tokens)

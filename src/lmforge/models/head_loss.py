@@ -43,8 +43,8 @@ _MIN_CHUNK = 256
 # ``enabled``), =always takes it at any size.
 _SETTING = os.environ.get("LMFORGE_FUSED_LOSS", "1")
 enabled = _SETTING != "0"
-# Below this many logits the plain path is as fast or faster: the chunked pass has a fixed cost of a few
-# hundred microseconds (2 threads, 768 tokens: even at a vocabulary of 512, 1.8x slower at 65).
+# Below this many logits the plain path was as fast or faster in standalone timings: the chunked pass has a
+# fixed cost per call (its Python loop and per-chunk index work) that a small head does not repay.
 _MIN_LOGITS = 0 if _SETTING == "always" else 1 << 19
 
 
@@ -125,15 +125,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         s_N = torch.zeros(N, dtype=h_NC.dtype)
         z_N = torch.zeros(N, dtype=h_NC.dtype)
         hT = h_NC.t()
-        chunk_of_N = torch.where(valid_N, y_N, 0) // rows
+        chunk_of_N = torch.where(valid_N, y_N, -1) // rows  # ignored targets fall in no chunk (-1)
         dnn = onednn_linear_available()
-        chunks, maxima = [], []
+        chunks, maxima, targets = [], [], []
         for i, a in enumerate(range(0, V, rows)):
             b = min(a + rows, V)
             E = _onednn(W_VC[a:b], h_NC) if dnn else torch.mm(W_VC[a:b], hT)  # [b - a, N]
-            at = ((chunk_of_N == i) & valid_N).nonzero().squeeze(1)
+            at = (chunk_of_N == i).nonzero().squeeze(1)  # the tokens whose target is in this chunk
+            target = (y_N[at] - a, at)
             if at.numel():
-                z_N[at] = E[y_N[at] - a, at]
+                z_N[at] = E[target]
             if not softmax_chunk_(E, m_N, s_N):  # the C kernel does these steps in two passes over E
                 m_new = torch.maximum(m_N, E.amax(0))
                 s_N.mul_(torch.exp(m_N - m_new))
@@ -143,38 +144,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if keep:
                 chunks.append(E)
                 maxima.append(m_N.clone())
+                targets.append(target)
         total = torch.where(valid_N, m_N + s_N.log() - z_N, 0.0).sum()
         loss = total / count if reduction == "mean" else total
         if keep:
-            ctx.chunks, ctx.maxima, ctx.rows, ctx.reduction, ctx.tied = chunks, maxima, rows, reduction, tied
-            ctx.save_for_backward(h_NC, W_VC, y_N, m_N, s_N, count)
+            ctx.chunks, ctx.maxima, ctx.targets = chunks, maxima, targets
+            ctx.rows, ctx.reduction, ctx.tied, ctx.dnn = rows, reduction, tied, dnn
+            ctx.save_for_backward(h_NC, W_VC, valid_N, m_N, s_N, count)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        h_NC, W_VC, y_N, m_N, s_N, count = ctx.saved_tensors
-        chunks, maxima, rows = ctx.chunks, ctx.maxima, ctx.rows
-        ctx.chunks = ctx.maxima = None
-        valid_N = y_N != IGNORE_INDEX
+        h_NC, W_VC, valid_N, m_N, s_N, count = ctx.saved_tensors
+        chunks, maxima, targets, rows = ctx.chunks, ctx.maxima, ctx.targets, ctx.rows
+        ctx.chunks = ctx.maxima = ctx.targets = None
         step = grad / count if ctx.reduction == "mean" else grad
         w_N = torch.where(valid_N, step / s_N, 0.0)  # dloss/dlogit = w * exp(logit - m), minus step at the target
         need_h, need_W = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.zeros_like(h_NC) if need_h else None
         dW = torch.empty(W_VC.shape, dtype=W_VC.dtype) if need_W else None
-        chunk_of_N = torch.where(valid_N, y_N, 0) // rows
-        dnn = onednn_linear_available()
         for i, a in enumerate(range(0, W_VC.shape[0], rows)):
             b = min(a + rows, W_VC.shape[0])
             P = chunks[i]
             chunks[i] = None
             P.mul_(torch.exp(maxima[i] - m_N) * w_N)
-            at = ((chunk_of_N == i) & valid_N).nonzero().squeeze(1)
-            if at.numel():
-                P[y_N[at] - a, at] -= step
+            if targets[i][1].numel():
+                P[targets[i]] -= step
             if need_h:
                 dh.addmm_(P.t(), W_VC[a:b])
-            if need_W and dnn:
+            if need_W and ctx.dnn:
                 dW[a:b] = _onednn(P, h_NC.t())
             elif need_W:
                 torch.mm(P, h_NC, out=dW[a:b])
