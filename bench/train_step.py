@@ -112,7 +112,7 @@ def profile_step(step, peak_flops: float, top: int = 12) -> list[list]:
 def run_config(name: str, rounds: int, reps: int, seed: int = 0, c: Optional[dict] = None,
                profile: bool = False, compare_loss: bool = False, compare_linear: bool = False) -> list[list]:
     from lmforge.config import OptimConfig
-    from lmforge.train.optim import build_optimizer
+    from lmforge.train.optim import build_optimizer, clip_and_step
     from lmforge.train.pretrain import causal_lm_loss
 
     c = c or CONFIGS[name]
@@ -134,8 +134,7 @@ def run_config(name: str, rounds: int, reps: int, seed: int = 0, c: Optional[dic
             finally:
                 head_loss.enabled = True
                 kernels._onednn_ok = dnn
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            clip_and_step(opt, model.parameters(), 1.0)
             opt.zero_grad(set_to_none=True)
             return loss.item()
         return step

@@ -15,7 +15,7 @@ import torch
 from lmforge.config import (ConfigError, ModelConfig, OptimConfig, PrepareConfig, PretrainConfig, TokenizerConfig,
                             TrainConfig, UserError)
 from lmforge.train.metrics import read_metrics
-from lmforge.train.optim import param_groups
+from lmforge.train.optim import clip_and_step, param_groups
 from lmforge.train.schedule import lr_at
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
@@ -220,6 +220,49 @@ def test_param_groups_exclude_biases_and_norms():
         assert (id(p) in decay_ids) == (p.dim() >= 2), name
     total = sum(p.numel() for g in groups.values() for p in g["params"])
     assert total == model.num_params()  # the tied head is counted once
+
+
+def _clip_case(fused: bool, scale: float, seed: int = 0):
+    """Two copies of a small module with the same gradients (times ``scale``) and AdamW optimizers."""
+    pairs = []
+    for _ in range(2):
+        torch.manual_seed(seed)
+        m = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3, bias=False))
+        m(torch.randn(4, 7)).square().sum().mul(scale).backward()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, fused=fused or None)
+        pairs.append((m, opt))
+    return pairs
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("scale", [100.0, 1e-4])
+def test_clip_and_step_equals_clip_grad_norm_then_step(fused, scale, monkeypatch):
+    (m1, o1), (m2, o2) = _clip_case(fused, scale)
+    want = float(torch.nn.utils.clip_grad_norm_(m1.parameters(), 0.5))
+    o1.step()
+    assert (want > 0.5) == (scale > 1)  # one case over the limit, one under it
+    if fused:  # the fused optimizer takes the factor in its own pass: clip_grad_norm_ is not called
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: pytest.fail("multiplied"))
+    got = clip_and_step(o2, m2.parameters(), 0.5)
+    assert got == pytest.approx(want, rel=1e-6)
+    assert not hasattr(o2, "grad_scale")
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p2, p1, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-6, atol=1e-9)  # left clipped, as clip_grad_norm_ does
+    for s1, s2 in zip(o1.state.values(), o2.state.values()):
+        torch.testing.assert_close(s2["exp_avg"], s1["exp_avg"], rtol=1e-6, atol=1e-9)
+
+
+def test_clip_and_step_without_clipping_and_with_a_nonfinite_norm():
+    (m1, o1), (m2, o2) = _clip_case(True, 10.0)
+    before = [p.grad.clone() for p in m2.parameters()]
+    o1.step()
+    assert clip_and_step(o2, m2.parameters(), 0.0) is None
+    for p1, p2, g in zip(m1.parameters(), m2.parameters(), before):
+        assert torch.equal(p1, p2) and torch.equal(p2.grad, g)
+    next(m2.parameters()).grad[0, 0] = float("inf")
+    assert clip_and_step(o2, m2.parameters(), 1.0) == float("inf")
+    assert not hasattr(o2, "grad_scale")
 
 
 def test_muon_orthogonalizes_and_trains():

@@ -31,7 +31,7 @@ from ..checkpoint import save_checkpoint, step_checkpoints, unwrap
 from ..config import OptimConfig, TrainConfig, UserError
 from .metrics import MetricsLog, plot_metrics
 from .distributed import DistInfo
-from .optim import build_optimizer
+from .optim import build_optimizer, clip_and_step
 from .schedule import lr_at
 
 
@@ -293,10 +293,7 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
                         loss = task.loss_fn(fwd_model, batch)
                     (loss / divisor).backward()
                 micro_losses.append(loss.detach().float())
-            grad_norm = None
-            if ocfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), ocfg.grad_clip))
-            optimizer.step()
+            grad_norm = clip_and_step(optimizer, model.parameters(), ocfg.grad_clip)
             optimizer.zero_grad(set_to_none=True)
             step, samples = step + 1, samples + per_step
             rng_at_step_start = None
