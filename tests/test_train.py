@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -305,3 +306,45 @@ def test_malloc_tuning_applies_on_glibc_and_can_be_turned_off():
     assert off.stdout.split() == ["False", "False"]
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert on.stdout.split() == ["True", "True"]
+
+
+def test_fp16_training_scales_the_loss_and_checkpoints_the_scale(data_dir, reference_run, tmp_path, monkeypatch):
+    """fp16 autocast (a CUDA option; CPU autocast stands in for it here) trains through a GradScaler whose
+    state is checkpointed with the run."""
+    from lmforge.train import loop
+
+    monkeypatch.setattr(loop, "pick_dtype", lambda name, device: torch.float16)
+    scalers = []
+    real = torch.amp.GradScaler
+
+    def spy(*a, **k):
+        scalers.append(real(*a, **k))
+        return scalers[-1]
+
+    monkeypatch.setattr(torch.amp, "GradScaler", spy)
+    run = tmp_path / "run"
+    run_pretrain(tiny_cfg(data_dir, run, steps=8))
+    assert len(scalers) == 1
+    state = torch.load(run / "checkpoints" / "step-000008" / "train_state.pt", weights_only=False)
+    assert state["grad_scaler"]["scale"] == scalers[0].get_scale() > 0
+    train = losses(run)
+    assert all(math.isfinite(v) for v in train.values()) and train[8] < train[1]
+    # The first step's gradient norm, unscaled, is the fp32 run's (same seed) up to fp16 rounding.
+    assert losses(run, key="grad_norm")[1] == pytest.approx(losses(reference_run, key="grad_norm")[1], rel=0.05)
+
+
+def test_clip_and_step_with_a_grad_scaler_unscales_and_skips_nonfinite_steps():
+    (m1, o1), (m2, o2) = _clip_case(True, 100.0)
+    want = float(torch.nn.utils.clip_grad_norm_(m1.parameters(), 0.5))
+    o1.step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for p in m2.parameters():  # the gradients of the scaled loss
+        p.grad = scaler.scale(p.grad)
+    assert clip_and_step(o2, m2.parameters(), 0.5, scaler) == pytest.approx(want, rel=1e-5)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p2, p1, rtol=1e-5, atol=1e-6)
+    before = [p.detach().clone() for p in m2.parameters()]
+    next(m2.parameters()).grad[0, 0] = float("nan")
+    clip_and_step(o2, m2.parameters(), 0.5, scaler)
+    assert all(torch.equal(p, b) for p, b in zip(m2.parameters(), before))  # the step was skipped
+    assert scaler.get_scale() < 1024.0

@@ -184,10 +184,16 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
 
         keep_freed_memory()
         use_cpu_kernels(task.model)  # GPT-2's GELU and causal attention through lmforge's kernels: same functions
+    if dtype == torch.float16 and info.mode == "fsdp":
+        raise UserError("train.dtype: fp16 with --train.parallel fsdp is not supported (its gradients need a "
+                        "sharded loss scaler); use bf16")
     model = D.wrap_model(task.model.to(device), info, tcfg, device, dtype)
     plain = unwrap(task.model)
     model.train()
     optimizer = build_optimizer(model, ocfg, device.type)
+    # fp16 gradients underflow without loss scaling: the loss is multiplied by a scale before the backward
+    # and the gradients divided by it before clipping (steps with an inf or nan are skipped, the scale adapts).
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
     step, samples = 0, 0
     if resume is not None:
@@ -200,6 +206,8 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
             set_optimizer_state_dict(model, optimizer, state["optimizer"],
                                      options=StateDictOptions(full_state_dict=info.mode == "fsdp"))
         step, samples = int(state["step"]), int(state["samples"])
+        if scaler is not None and "grad_scaler" in state:
+            scaler.load_state_dict(state["grad_scaler"])
         rngs = state.get("rng_per_rank")
         if rngs and len(rngs) == info.world_size:
             set_rng_state(rngs[info.rank])
@@ -232,6 +240,8 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
         rngs = D.gather_objects(rng, info)
         state = {"step": at_step, "samples": samples, "rng": rng, "rng_per_rank": rngs,
                  "world_size": info.world_size, "samples_per_step": per_step, "parallel": info.mode}
+        if scaler is not None:
+            state["grad_scaler"] = scaler.state_dict()
         extra = dict(task.extra_config, step=at_step)
         path = out / "checkpoints" / f"step-{at_step:06d}"
         if info.mode == "fsdp":
@@ -291,9 +301,10 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
                 with D.no_sync(model, info, last_micro=micro == tcfg.grad_accum - 1):
                     with autocast(device, dtype):
                         loss = task.loss_fn(fwd_model, batch)
-                    (loss / divisor).backward()
+                    scaled = loss / divisor
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 micro_losses.append(loss.detach().float())
-            grad_norm = clip_and_step(optimizer, model.parameters(), ocfg.grad_clip)
+            grad_norm = clip_and_step(optimizer, model.parameters(), ocfg.grad_clip, scaler)
             optimizer.zero_grad(set_to_none=True)
             step, samples = step + 1, samples + per_step
             rng_at_step_start = None

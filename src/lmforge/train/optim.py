@@ -57,9 +57,14 @@ def _takes_grad_scale(optimizer: torch.optim.Optimizer, params: list[torch.Tenso
     return all(type(p) is torch.Tensor or type(p) is nn.Parameter for p in params)
 
 
-def clip_and_step(optimizer: torch.optim.Optimizer, params, max_norm: float) -> Optional[float]:
+def clip_and_step(optimizer: torch.optim.Optimizer, params, max_norm: float,
+                  scaler: Optional[torch.amp.GradScaler] = None) -> Optional[float]:
     """``clip_grad_norm_(params, max_norm)`` (when max_norm > 0) then ``optimizer.step()``; returns the
     gradients' total norm before clipping (None without clipping).
+
+    With a GradScaler (fp16 training, whose loss was scaled before the backward) the gradients are unscaled
+    first, the step is skipped when they hold an inf or nan (the norm returned is then not finite), and the
+    scale is updated, as torch's GradScaler recipe does.
 
     Clipping multiplies every gradient by ``max_norm / norm`` when the norm is over the limit: a pass over
     all the gradients (for GPT-2 124M, 500 MB read and written) before the optimizer's own pass over them.
@@ -68,6 +73,12 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params, max_norm: float) -> 
     The update is the same to fp32 rounding, and the gradients are left clipped, as clip_grad_norm_ leaves
     them. Other optimizers, FSDP's sharded parameters and a non-finite norm take clip_grad_norm_."""
     params = [p for p in params if p.grad is not None]
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if max_norm > 0 else None
+        scaler.step(optimizer)
+        scaler.update()
+        return norm
     if max_norm <= 0:
         optimizer.step()
         return None
