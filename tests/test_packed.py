@@ -267,7 +267,7 @@ def test_use_cpu_kernels_swaps_gelu_and_attention_without_changing_the_model(mon
 
 @pytest.mark.skipif(not kernels.onednn_linear_available(), reason="this torch build has no oneDNN linear")
 @pytest.mark.parametrize("shape,bias,frozen", [((7, 50), True, False), ((2, 9, 64), False, False),
-                                               ((3, 5, 33), True, True)])
+                                               ((3, 5, 33), True, True), ((4, 10), True, False)])
 def test_onednn_linear_matches_f_linear_forward_and_backward(shape, bias, frozen, monkeypatch):
     monkeypatch.setattr(kernels, "ONEDNN_MIN_MACS", 0)
     calls = []

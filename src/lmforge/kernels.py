@@ -342,8 +342,10 @@ class KernelGELU(torch.nn.GELU):
 # call MKL's sgemm; oneDNN's fp32 inner product, reached through torch.ops.mkldnn._linear_pointwise (the op
 # torch's own compiler emits for CPU linears), ran the forward and input-gradient products of GPT-2's
 # layers faster on a Zen 4 (python -m bench.train_step --compare-linear times the step both ways). The
-# weight gradient (a reduction over the tokens) stays with MKL, which was as fast or faster for it in most
-# of GPT-2's layers.
+# weight gradient (a reduction over the tokens) stays with MKL where the layer has at least as many outputs
+# as inputs: oneDNN is fast on it only with the gradient transposed into a buffer of its own, which costs
+# more than it gains there; with more inputs than outputs (GPT-2's fc2) the buffer is small and the 124M
+# step was faster with oneDNN, in interleaved timings.
 
 _onednn_ok: Optional[bool] = None
 # Products smaller than this many multiply-adds stay with F.linear: a oneDNN call has a fixed cost of tens of
@@ -374,7 +376,8 @@ def _onednn_check() -> bool:
     x, w, b = torch.randn(37, 50, generator=g), torch.randn(29, 50, generator=g), torch.randn(29, generator=g)
     gy = torch.randn(37, 29, generator=g)
     try:
-        pairs = ((_onednn(x, w, b), F.linear(x, w, b)), (_onednn(gy, w.t()), gy @ w))
+        pairs = ((_onednn(x, w, b), F.linear(x, w, b)), (_onednn(gy, w.t()), gy @ w),
+                 (_onednn(gy.t().contiguous(), x.t()), gy.t() @ x))
     except (RuntimeError, AttributeError, NotImplementedError) as e:  # an op this build of torch lacks
         log.info("lmforge.kernels: oneDNN linear unavailable (%s); using F.linear", e)
         return False
@@ -397,7 +400,11 @@ class _OneDNNLinear(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = _onednn(g2, weight.t()).view(*grad.shape[:-1], weight.shape[1])
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and weight.shape[1] > weight.shape[0]:
+            # More inputs than outputs (GPT-2's fc2): the gradient, transposed into its own small buffer, is
+            # oneDNN's row operand and the inputs its (transposed) weight operand, faster than MKL's product.
+            dw = _onednn(g2.t().contiguous(), x2.t())
+        elif ctx.needs_input_grad[1]:
             dw = g2.t().mm(x2)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = g2.sum(0)
