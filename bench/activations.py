@@ -7,9 +7,14 @@ Attention: ``F.scaled_dot_product_attention(is_causal=True)`` forward and backwa
 (``lmforge.kernels.causal_attention``) for B x H x T x D shapes: the char config's, the 124M training-step
 config's, nanoGPT's GPU char model's (6 heads of 64 over 256 positions), and longer blocks up to where the
 kernel stops paying (``MAX_ATTENTION_TD``; a shape past it is timed all the same).
+Weight gradient of a linear layer, dW = g^T x for N tokens (x [N, in], g [N, out]): MKL's product (torch's
+mm) against oneDNN's inner product with the gradient transposed into a buffer of its own, transposed by
+torch's copy or by lmforge's kernel (``lmforge.kernels.transpose``), for GPT-2 124M's four layer shapes at
+the 124M training-step config's 512 tokens.
 
     python -m bench.activations [--threads N] [--rows 768] [--cols 512] [--rounds 7]
                                 [--attention 12x4x64x32 4x12x128x64 12x6x256x64 1x12x1024x64 1x4x4096x64]
+                                [--weight-grad 512x768x2304 512x768x768 512x768x3072 512x3072x768]
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ def main(argv=None) -> list[list]:
     ap.add_argument("--attention", nargs="*", default=["12x4x64x32", "4x12x128x64", "12x6x256x64", "1x12x1024x64",
                                                        "1x4x4096x64"],
                     help="B x H x T x D shapes of causal attention to time (none: skip)")
+    ap.add_argument("--weight-grad", nargs="*", default=["512x768x2304", "512x768x768", "512x768x3072", "512x3072x768"],
+                    help="N x in x out shapes of a linear layer's weight gradient to time (none: skip)")
     args = ap.parse_args(argv)
     from lmforge.kernels import gelu_tanh, kernel_available
 
@@ -68,6 +75,44 @@ def main(argv=None) -> list[list]:
           ["what", "us per call", "ns per element"], rows)
     if args.attention:
         rows += attention_rows(args.attention, args.rounds, threads)
+    if args.weight_grad:
+        rows += weight_grad_rows(args.weight_grad, args.rounds, threads)
+    return rows
+
+
+def weight_grad_rows(shapes: list[str], rounds: int, threads: int) -> list[list]:
+    """dW = g^T x three ways, interleaved per shape; GFLOP/s from 2 N in out flops per product."""
+    from lmforge.kernels import _onednn, onednn_linear_available, transpose
+
+    if not onednn_linear_available():
+        print("weight gradient: this torch has no oneDNN linear; skipped")
+        return []
+    rows = []
+    for shape in shapes:
+        n, d_in, d_out = (int(v) for v in shape.lower().split("x"))
+        x, g = torch.randn(n, d_in), torch.randn(n, d_out)
+        dw = torch.empty(d_out, d_in)
+        reps = max(1, min(50, 400_000_000 // (n * d_in * d_out + 1)))
+
+        def many(fn):
+            def run():
+                for _ in range(reps):
+                    fn()
+            return run
+
+        fns = {"mkl": many(lambda: torch.mm(g.t(), x, out=dw)),
+               "dnn, torch T": many(lambda: _onednn(g.t().contiguous(), x.t())),
+               "dnn, lmforge T": many(lambda: _onednn(transpose(g), x.t())),
+               "torch T": many(lambda: g.t().contiguous()), "lmforge T": many(lambda: transpose(g))}
+        t = {k: v / reps for k, v in interleave(fns, rounds=rounds).items()}
+        flops = 2 * n * d_in * d_out
+        rows.append([shape] + [f"{t[k] * 1e3:.2f} ms ({flops / t[k] / 1e9:.0f})" for k in ("mkl", "dnn, torch T",
+                                                                                       "dnn, lmforge T")]
+                    + [f"{t[k] * 1e3:.3f} ms" for k in ("torch T", "lmforge T")]
+                    + [f"{t['mkl'] / t['dnn, lmforge T']:.2f}x"])
+    table(f"Linear weight gradient dW = g^T x, fp32, {threads} threads (GFLOP/s in brackets)",
+          ["N x in x out", "MKL mm", "oneDNN, torch's transpose", "oneDNN, lmforge's transpose",
+           "torch's transpose", "lmforge's transpose", "oneDNN + lmforge's transpose vs MKL"], rows)
     return rows
 
 
@@ -83,7 +128,7 @@ def attention_rows(shapes: list[str], rounds: int, threads: int) -> list[list]:
             raise SystemExit(f"{shape}: the kernel needs a head width that is a multiple of 16")
         qkv = torch.randn(B, T, 3, H, D)
         g = torch.randn(B, H, T, D)
-        reps = max(1, 2_000_000 // (B * H * T * T * D // 64 + 1))
+        reps = max(1, min(50, 2_000_000 // (B * H * T * T * D // 64 + 1)))
 
         def step(fn):
             def run():

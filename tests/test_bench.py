@@ -147,12 +147,24 @@ def test_activations_bench_smoke(capsys):
 
     if not kernel_available():
         pytest.skip("lmforge's CPU kernels could not be built")
-    rows = activations.main(["--rows", "16", "--cols", "32", "--rounds", "1", "--attention"])
+    rows = activations.main(["--rows", "16", "--cols", "32", "--rounds", "1", "--attention", "--weight-grad"])
     assert rows[-1][2].endswith("x faster") and float(rows[0][1]) >= 0
     assert "GELU on a 16x32" in capsys.readouterr().out
-    rows = activations.main(["--rows", "16", "--cols", "32", "--rounds", "1", "--attention", "1x2x8x16"])
+    rows = activations.main(["--rows", "16", "--cols", "32", "--rounds", "1", "--attention", "1x2x8x16",
+                             "--weight-grad"])
     assert rows[-1][0] == "1x2x8x16" and rows[-1][3].endswith("x")
     assert "Causal attention forward + backward" in capsys.readouterr().out
+    rows = activations.main(["--rows", "16", "--cols", "32", "--rounds", "1", "--attention", "--weight-grad",
+                             "40x48x24"])
+    if kernels_onednn():
+        assert rows[-1][0] == "40x48x24" and rows[-1][-1].endswith("x")
+        assert "Linear weight gradient" in capsys.readouterr().out
+
+
+def kernels_onednn() -> bool:
+    from lmforge.kernels import onednn_linear_available
+
+    return onednn_linear_available()
 
 
 def test_serve_throughput_bench_smoke(capsys):

@@ -292,6 +292,35 @@ def test_onednn_linear_matches_f_linear_forward_and_backward(shape, bias, frozen
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not kernels.onednn_linear_available(), reason="this torch build has no oneDNN linear")
+def test_onednn_linear_weight_gradient_without_the_transpose_kernel(monkeypatch):
+    """Without lmforge's kernels, layers with fewer inputs than outputs take MKL's weight gradient and the
+    others torch's transposing copy: the gradients are the same."""
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(kernels, "kernel_available", lambda: False)
+    monkeypatch.setattr(kernels, "transpose", lambda x: x.t().contiguous())
+    g = torch.Generator().manual_seed(5)
+    for d_in, d_out in ((10, 24), (24, 10)):
+        x, w = torch.randn(6, d_in, generator=g), torch.randn(d_out, d_in, generator=g)
+        grad = torch.randn(6, d_out, generator=g)
+        ws = [w.clone().requires_grad_(), w.clone().requires_grad_()]
+        F.linear(x, ws[0]).backward(grad)
+        kernels.linear(x, ws[1]).backward(grad)
+        torch.testing.assert_close(ws[1].grad, ws[0].grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (16, 16), (17, 33), (64, 48), (5, 200), (300, 7)])
+def test_transpose_equals_torch(rows, cols):
+    g = torch.Generator().manual_seed(rows * 1000 + cols)
+    x = torch.randn(rows, cols, generator=g)
+    assert torch.equal(kernels.transpose(x), x.t().contiguous())
+    wide = torch.randn(rows, cols + 5, generator=g)[:, 2:cols + 2]  # rows with a stride of their own
+    t = kernels.transpose(wide)
+    assert torch.equal(t, wide.t()) and t.is_contiguous()
+    assert torch.equal(kernels.transpose(x.double()), x.double().t())  # other dtypes: torch's copy
+    assert kernels.transpose(torch.empty(0, cols)).shape == (cols, 0)
+
+
 def test_onednn_linear_leaves_small_products_other_dtypes_autocast_and_a_refused_check_to_f_linear(monkeypatch):
     calls = []
     real = kernels._OneDNNLinear.apply

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).with_name("csrc")
 SOURCES = (_CSRC / "stream_linear.c", _CSRC / "gelu.c", _CSRC / "decode_step.c", _CSRC / "attention.c",
-           _CSRC / "softmax.c", _CSRC / "peak.c")
+           _CSRC / "softmax.c", _CSRC / "peak.c", _CSRC / "transpose.c")
 HEADERS = (_CSRC / "kernels.h",)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi", "-shared", "-fPIC"]
 # The most rows the kernels take. fp32: at 32 rows the kernel still beat F.linear and came within 20% of
@@ -129,6 +129,12 @@ def _self_test(lib: ctypes.CDLL) -> bool:
         return False
     if not _softmax_chunk_matches(lib, g):
         return False
+    for rows, cols in ((16, 16), (37, 50), (50, 37)):  # whole tiles, and edges on both sides
+        a = torch.randn(rows, cols + 3, generator=g)[:, 1:cols + 1]
+        t = torch.empty(cols, rows)
+        lib.lmf_transpose_f32(a.data_ptr(), rows, cols, a.stride(0), t.data_ptr())
+        if not torch.equal(t, a.t()):
+            return False
     x = torch.linspace(-12, 12, 1001)
     y, dx, g = torch.empty_like(x), torch.empty_like(x), torch.ones_like(x)
     lib.lmf_gelu_tanh_f32(x.data_ptr(), y.data_ptr(), x.numel())
@@ -198,6 +204,8 @@ def load_kernel() -> Optional[ctypes.CDLL]:
                 fn.restype = ctypes.c_int  # 0, or -1 when out of memory
                 fn.argtypes = ([ctypes.c_void_p] * pointers + [ctypes.c_long] * 4 + [_Strides] * strides
                                + [ctypes.c_float])
+            lib.lmf_transpose_f32.restype = None
+            lib.lmf_transpose_f32.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p]
             lib.lmf_fma_loop.restype = ctypes.c_double
             lib.lmf_fma_loop.argtypes = [ctypes.c_long]
             lib.lmf_softmax_chunk_f32.restype = None
@@ -299,6 +307,18 @@ def stream_linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     return _run(lib.lmf_stream_linear_i8, x, n, k, weight, scale, bias)
 
 
+def transpose(x: torch.Tensor) -> torch.Tensor:
+    """``x.t().contiguous()`` for a 2-D tensor; fp32 CPU ones whose rows are contiguous through the kernel
+    (16 x 16 tiles transposed in registers, several times faster than torch's copy)."""
+    lib = _lib if _tried else load_kernel()
+    if (lib is None or x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(1) != 1
+            or x.numel() == 0):
+        return x.t().contiguous()
+    out = torch.empty(x.shape[1], x.shape[0])
+    lib.lmf_transpose_f32(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr())
+    return out
+
+
 def _gelu_applies(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous() and x.numel() > 0
 
@@ -342,10 +362,12 @@ class KernelGELU(torch.nn.GELU):
 # call MKL's sgemm; oneDNN's fp32 inner product, reached through torch.ops.mkldnn._linear_pointwise (the op
 # torch's own compiler emits for CPU linears), ran the forward and input-gradient products of GPT-2's
 # layers faster on a Zen 4 (python -m bench.train_step --compare-linear times the step both ways). The
-# weight gradient (a reduction over the tokens) stays with MKL where the layer has at least as many outputs
-# as inputs: oneDNN is fast on it only with the gradient transposed into a buffer of its own, which costs
-# more than it gains there; with more inputs than outputs (GPT-2's fc2) the buffer is small and the 124M
-# step was faster with oneDNN, in interleaved timings.
+# weight gradient (a reduction over the tokens) is fast through oneDNN only with the output gradient
+# transposed into a buffer of its own as the row operand (python -m bench.activations times the three ways).
+# torch's transposing copy costs about as much as that gains, except where the layer has more inputs than
+# outputs (GPT-2's fc2: the gradient is the small side); lmforge's transpose kernel (csrc/transpose.c, several
+# times faster) makes it pay for every layer, so with the kernels built every weight gradient goes through
+# oneDNN, without them only those of layers with more inputs than outputs.
 
 _onednn_ok: Optional[bool] = None
 # Products smaller than this many multiply-adds stay with F.linear: a oneDNN call has a fixed cost of tens of
@@ -400,10 +422,10 @@ class _OneDNNLinear(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = _onednn(g2, weight.t()).view(*grad.shape[:-1], weight.shape[1])
-        if ctx.needs_input_grad[1] and weight.shape[1] > weight.shape[0]:
-            # More inputs than outputs (GPT-2's fc2): the gradient, transposed into its own small buffer, is
-            # oneDNN's row operand and the inputs its (transposed) weight operand, faster than MKL's product.
-            dw = _onednn(g2.t().contiguous(), x2.t())
+        if ctx.needs_input_grad[1] and (kernel_available() or weight.shape[1] > weight.shape[0]):
+            # The gradient, transposed into a buffer of its own, is oneDNN's row operand and the inputs its
+            # (transposed) weight operand; see above for when this beats MKL's product.
+            dw = _onednn(transpose(g2), x2.t())
         elif ctx.needs_input_grad[1]:
             dw = g2.t().mm(x2)
         if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -1,0 +1,51 @@
+/* dst[c * rows + r] = src[r * lds + c]: an fp32 matrix [rows, cols] (row stride lds) transposed into a
+ * contiguous [cols, rows]. 16 x 16 tiles are transposed in vector registers: four rounds, each swapping the
+ * off-diagonal s x s blocks (s = 8, 4, 2, 1) of every 2s x 2s block with two-source shuffles, so a tile costs
+ * 16 loads, 64 shuffles and 16 stores; the edges go element by element. The column tiles are shared among
+ * the threads. */
+#include "kernels.h"
+
+typedef float v16 __attribute__((vector_size(64)));
+
+static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
+/* Rows i and i + s of a round: lo keeps a's columns without bit s and takes b's shifted down, hi the rest. */
+#define LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define LO4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define HI4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define LO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define HI2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define LO1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define HI1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+#define ROUND(s, LO, HI)                                                                 \
+    for (int i = 0; i < 16; i++)                                                          \
+        if (!(i & (s))) {                                                                 \
+            v16 a = t[i], b = t[i + (s)];                                                 \
+            t[i] = __builtin_shufflevector(a, b, LO);                                     \
+            t[i + (s)] = __builtin_shufflevector(a, b, HI);                               \
+        }
+
+static inline void tile(const float *src, long lds, float *dst, long ldd) {
+    v16 t[16];
+    for (int i = 0; i < 16; i++) t[i] = ld(src + i * lds);
+    ROUND(8, LO8, HI8)
+    ROUND(4, LO4, HI4)
+    ROUND(2, LO2, HI2)
+    ROUND(1, LO1, HI1)
+    for (int i = 0; i < 16; i++) st(dst + i * ldd, t[i]);
+}
+
+void lmf_transpose_f32(const float *src, long rows, long cols, long lds, float *dst) {
+    long ct = (cols + 15) / 16;
+    #pragma omp parallel for schedule(static)
+    for (long cb = 0; cb < ct; cb++) {
+        long c0 = cb * 16, cn = cols - c0 < 16 ? cols - c0 : 16;
+        long r0 = 0;
+        if (cn == 16)
+            for (; r0 + 16 <= rows; r0 += 16) tile(src + r0 * lds + c0, lds, dst + c0 * rows + r0, rows);
+        for (long c = c0; c < c0 + cn; c++)
+            for (long r = (cn == 16 ? r0 : 0); r < rows; r++) dst[c * rows + r] = src[r * lds + c];
+    }
+}
