@@ -298,7 +298,7 @@ def test_onednn_linear_weight_gradient_without_the_transpose_kernel(monkeypatch)
     others torch's transposing copy: the gradients are the same."""
     monkeypatch.setattr(kernels, "ONEDNN_MIN_MACS", 0)
     monkeypatch.setattr(kernels, "kernel_available", lambda: False)
-    monkeypatch.setattr(kernels, "transpose", lambda x: x.t().contiguous())
+    monkeypatch.setattr(kernels, "transpose", lambda x, column_sums=False: (x.t().contiguous(), x.sum(0)) if column_sums else x.t().contiguous())
     g = torch.Generator().manual_seed(5)
     for d_in, d_out in ((10, 24), (24, 10)):
         x, w = torch.randn(6, d_in, generator=g), torch.randn(d_out, d_in, generator=g)
@@ -317,6 +317,9 @@ def test_transpose_equals_torch(rows, cols):
     wide = torch.randn(rows, cols + 5, generator=g)[:, 2:cols + 2]  # rows with a stride of their own
     t = kernels.transpose(wide)
     assert torch.equal(t, wide.t()) and t.is_contiguous()
+    t, sums = kernels.transpose(wide, column_sums=True)
+    assert torch.equal(t, wide.t())
+    torch.testing.assert_close(sums, wide.sum(0), rtol=1e-5, atol=1e-5)
     assert torch.equal(kernels.transpose(x.double()), x.double().t())  # other dtypes: torch's copy
     assert kernels.transpose(torch.empty(0, cols)).shape == (cols, 0)
 

@@ -131,9 +131,9 @@ def _self_test(lib: ctypes.CDLL) -> bool:
         return False
     for rows, cols in ((16, 16), (37, 50), (50, 37)):  # whole tiles, and edges on both sides
         a = torch.randn(rows, cols + 3, generator=g)[:, 1:cols + 1]
-        t = torch.empty(cols, rows)
-        lib.lmf_transpose_f32(a.data_ptr(), rows, cols, a.stride(0), t.data_ptr())
-        if not torch.equal(t, a.t()):
+        t, colsum = torch.empty(cols, rows), torch.empty(cols)
+        lib.lmf_transpose_f32(a.data_ptr(), rows, cols, a.stride(0), t.data_ptr(), colsum.data_ptr())
+        if not (torch.equal(t, a.t()) and torch.allclose(colsum, a.sum(0), rtol=1e-5, atol=1e-5)):
             return False
     x = torch.linspace(-12, 12, 1001)
     y, dx, g = torch.empty_like(x), torch.empty_like(x), torch.ones_like(x)
@@ -205,7 +205,7 @@ def load_kernel() -> Optional[ctypes.CDLL]:
                 fn.argtypes = ([ctypes.c_void_p] * pointers + [ctypes.c_long] * 4 + [_Strides] * strides
                                + [ctypes.c_float])
             lib.lmf_transpose_f32.restype = None
-            lib.lmf_transpose_f32.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p]
+            lib.lmf_transpose_f32.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2
             lib.lmf_fma_loop.restype = ctypes.c_double
             lib.lmf_fma_loop.argtypes = [ctypes.c_long]
             lib.lmf_softmax_chunk_f32.restype = None
@@ -307,16 +307,21 @@ def stream_linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     return _run(lib.lmf_stream_linear_i8, x, n, k, weight, scale, bias)
 
 
-def transpose(x: torch.Tensor) -> torch.Tensor:
+def transpose(x: torch.Tensor, column_sums: bool = False):
     """``x.t().contiguous()`` for a 2-D tensor; fp32 CPU ones whose rows are contiguous through the kernel
-    (16 x 16 tiles transposed in registers, several times faster than torch's copy)."""
+    (16 x 16 tiles transposed in registers, several times faster than torch's copy). With ``column_sums``,
+    returns ``(x.t().contiguous(), x.sum(0))``, the sums taken on the kernel's way through (to fp32
+    rounding: 16 rows at a time, then in order)."""
     lib = _lib if _tried else load_kernel()
     if (lib is None or x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(1) != 1
             or x.numel() == 0):
-        return x.t().contiguous()
+        t = x.t().contiguous()
+        return (t, x.sum(0)) if column_sums else t
     out = torch.empty(x.shape[1], x.shape[0])
-    lib.lmf_transpose_f32(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr())
-    return out
+    sums = torch.empty(x.shape[1]) if column_sums else None
+    lib.lmf_transpose_f32(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr(),
+                          sums.data_ptr() if column_sums else None)
+    return (out, sums) if column_sums else out
 
 
 def _gelu_applies(x: torch.Tensor) -> bool:
@@ -422,13 +427,16 @@ class _OneDNNLinear(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = _onednn(g2, weight.t()).view(*grad.shape[:-1], weight.shape[1])
+        want_db = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1] and (kernel_available() or weight.shape[1] > weight.shape[0]):
             # The gradient, transposed into a buffer of its own, is oneDNN's row operand and the inputs its
-            # (transposed) weight operand; see above for when this beats MKL's product.
-            dw = _onednn(transpose(g2), x2.t())
+            # (transposed) weight operand; see above for when this beats MKL's product. The bias gradient is
+            # summed on the transpose's way through.
+            gT, db = transpose(g2, column_sums=True) if want_db else (transpose(g2), None)
+            dw = _onednn(gT, x2.t())
         elif ctx.needs_input_grad[1]:
             dw = g2.t().mm(x2)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if want_db and db is None:
             db = g2.sum(0)
         return dx, dw, db
 

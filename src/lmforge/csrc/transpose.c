@@ -1,8 +1,9 @@
 /* dst[c * rows + r] = src[r * lds + c]: an fp32 matrix [rows, cols] (row stride lds) transposed into a
- * contiguous [cols, rows]. 16 x 16 tiles are transposed in vector registers: four rounds, each swapping the
- * off-diagonal s x s blocks (s = 8, 4, 2, 1) of every 2s x 2s block with two-source shuffles, so a tile costs
- * 16 loads, 64 shuffles and 16 stores; the edges go element by element. The column tiles are shared among
- * the threads. */
+ * contiguous [cols, rows], and, where colsum is not NULL, colsum[c] = the sum of column c (a linear layer's
+ * bias gradient, taken while the gradient passes through the registers). 16 x 16 tiles are transposed in
+ * vector registers: four rounds, each swapping the off-diagonal s x s blocks (s = 8, 4, 2, 1) of every
+ * 2s x 2s block with two-source shuffles, so a tile costs 16 loads, 64 shuffles and 16 stores; the edges go
+ * element by element. The column tiles are shared among the threads. */
 #include "kernels.h"
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -27,9 +28,12 @@ static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
             t[i + (s)] = __builtin_shufflevector(a, b, HI);                               \
         }
 
-static inline void tile(const float *src, long lds, float *dst, long ldd) {
+static inline void tile(const float *src, long lds, float *dst, long ldd, v16 *sum) {
     v16 t[16];
     for (int i = 0; i < 16; i++) t[i] = ld(src + i * lds);
+    v16 s = t[0]; /* the tile's column sums, added to the running ones once per tile */
+    for (int i = 1; i < 16; i++) s += t[i];
+    *sum += s;
     ROUND(8, LO8, HI8)
     ROUND(4, LO4, HI4)
     ROUND(2, LO2, HI2)
@@ -37,15 +41,23 @@ static inline void tile(const float *src, long lds, float *dst, long ldd) {
     for (int i = 0; i < 16; i++) st(dst + i * ldd, t[i]);
 }
 
-void lmf_transpose_f32(const float *src, long rows, long cols, long lds, float *dst) {
+void lmf_transpose_f32(const float *src, long rows, long cols, long lds, float *dst, float *colsum) {
     long ct = (cols + 15) / 16;
     #pragma omp parallel for schedule(static)
     for (long cb = 0; cb < ct; cb++) {
         long c0 = cb * 16, cn = cols - c0 < 16 ? cols - c0 : 16;
         long r0 = 0;
+        v16 sum = {0};
         if (cn == 16)
-            for (; r0 + 16 <= rows; r0 += 16) tile(src + r0 * lds + c0, lds, dst + c0 * rows + r0, rows);
-        for (long c = c0; c < c0 + cn; c++)
-            for (long r = (cn == 16 ? r0 : 0); r < rows; r++) dst[c * rows + r] = src[r * lds + c];
+            for (; r0 + 16 <= rows; r0 += 16) tile(src + r0 * lds + c0, lds, dst + c0 * rows + r0, rows, &sum);
+        for (long c = c0; c < c0 + cn; c++) {
+            float tail = 0.0f;
+            for (long r = r0; r < rows; r++) {
+                float v = src[r * lds + c];
+                dst[c * rows + r] = v;
+                tail += v;
+            }
+            if (colsum) colsum[c] = sum[c - c0] + tail;
+        }
     }
 }
