@@ -112,8 +112,8 @@ static void mix_t(const float *p, long T16, long rows, long n, const float *a, l
 static void pack_transposed(const float *x, long xs, long T, long T16, long D, float *xt) {
     for (long d = 0; d < D; d++)
         for (long j = T; j < T16; j++) xt[d * T16 + j] = 0.0f;
-    for (long j = 0; j < T; j++)
-        for (long d = 0; d < D; d++) xt[d * T16 + j] = x[j * xs + d];
+    lmf_transpose_serial(x, T, D, xs, xt, T16); /* in 16 x 16 tiles: element by element, each write
+                                                  * landed a row of T16 floats away from the last */
 }
 
 /* Scores of query rows i0.. (rows of them) against keys 0..n-1 (n = i0 + rows) become probabilities:

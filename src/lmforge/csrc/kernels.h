@@ -32,4 +32,6 @@ void lmf_linear_f32_team(const float *W, const float *x, const float *b, float *
                          int accumulate);
 void lmf_linear_i8_team(const int8_t *W, const float *scale, const float *x, const float *b, float *y, long M,
                         long N, long K, int accumulate);
+/* dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols, by the calling thread alone (transpose.c). */
+void lmf_transpose_serial(const float *src, long rows, long cols, long lds, float *dst, long ldd);
 #endif

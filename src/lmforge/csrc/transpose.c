@@ -41,6 +41,19 @@ static inline void tile(const float *src, long lds, float *dst, long ldd, v16 *s
     for (int i = 0; i < 16; i++) st(dst + i * ldd, t[i]);
 }
 
+void lmf_transpose_serial(const float *src, long rows, long cols, long lds, float *dst, long ldd) {
+    long r0 = 0;
+    v16 unused = {0};
+    for (; r0 + 16 <= rows; r0 += 16) {
+        long c0 = 0;
+        for (; c0 + 16 <= cols; c0 += 16) tile(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd, &unused);
+        for (long c = c0; c < cols; c++)
+            for (long r = r0; r < r0 + 16; r++) dst[c * ldd + r] = src[r * lds + c];
+    }
+    for (long c = 0; c < cols; c++)
+        for (long r = r0; r < rows; r++) dst[c * ldd + r] = src[r * lds + c];
+}
+
 void lmf_transpose_f32(const float *src, long rows, long cols, long lds, float *dst, float *colsum) {
     long ct = (cols + 15) / 16;
     #pragma omp parallel for schedule(static)
