@@ -125,6 +125,21 @@ def test_kernel_builds_where_there_is_a_compiler():
         assert kernels.kernel_available()  # a kernel that failed its check against F.linear would be off
 
 
+def test_kernels_build_with_the_older_gcc_shuffle(monkeypatch, tmp_path):
+    """GCC before 12 has no __builtin_shufflevector: the transpose kernel then uses __builtin_shuffle (forced
+    here with LMF_OLD_SHUFFLE), and the library still passes its self-test."""
+    import shutil
+
+    if not shutil.which("gcc") or not kernels.kernel_available():
+        pytest.skip("no gcc here, or the kernels do not build at all")
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "FLAGS", kernels.FLAGS + ["-DLMF_OLD_SHUFFLE"])
+    monkeypatch.setenv("LMFORGE_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", shutil.which("gcc"))
+    assert kernels.load_kernel() is not None and len(list(tmp_path.glob("*.so"))) == 1
+
+
 def test_kernel_is_off_without_a_compiler_or_when_turned_off(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "_tried", False)
     monkeypatch.setattr(kernels, "_lib", None)

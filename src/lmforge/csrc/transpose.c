@@ -11,6 +11,16 @@ typedef float v16 __attribute__((vector_size(64)));
 static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
 
+/* Two-source shuffle with constant indices (0-15 from a, 16-31 from b): __builtin_shufflevector where the
+ * compiler has it (clang, GCC 12 and later), GCC's older __builtin_shuffle elsewhere (LMF_OLD_SHUFFLE forces
+ * it, for the tests). */
+#if defined(__clang__) || (__GNUC__ >= 12 && !defined(LMF_OLD_SHUFFLE))
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int32_t v16i __attribute__((vector_size(64)));
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (v16i){__VA_ARGS__})
+#endif
+
 /* Rows i and i + s of a round: lo keeps a's columns without bit s and takes b's shifted down, hi the rest. */
 #define LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
 #define HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
@@ -24,8 +34,8 @@ static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
     for (int i = 0; i < 16; i++)                                                          \
         if (!(i & (s))) {                                                                 \
             v16 a = t[i], b = t[i + (s)];                                                 \
-            t[i] = __builtin_shufflevector(a, b, LO);                                     \
-            t[i + (s)] = __builtin_shufflevector(a, b, HI);                               \
+            t[i] = SHUFFLE(a, b, LO);                                                     \
+            t[i + (s)] = SHUFFLE(a, b, HI);                                               \
         }
 
 static inline void tile(const float *src, long lds, float *dst, long ldd, v16 *sum) {
