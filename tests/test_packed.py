@@ -336,7 +336,17 @@ def test_transpose_equals_torch(rows, cols):
     assert torch.equal(t, wide.t())
     torch.testing.assert_close(sums, wide.sum(0), rtol=1e-5, atol=1e-5)
     assert torch.equal(kernels.transpose(x.double()), x.double().t())  # other dtypes: torch's copy
+    leaf = x.clone().requires_grad_()
+    kernels.transpose(leaf).sum().backward()  # a tensor that needs a gradient keeps its graph
+    assert torch.equal(leaf.grad, torch.ones_like(x))
     assert kernels.transpose(torch.empty(0, cols)).shape == (cols, 0)
+
+
+def test_transpose_column_sums_of_long_columns_stay_accurate():
+    x = torch.rand(65536, 48, generator=torch.Generator().manual_seed(3)) + 99  # a large mean: rounding shows
+    _, sums = kernels.transpose(x, column_sums=True)
+    want = x.double().sum(0)
+    assert float(((sums.double() - want) / want).abs().max()) < 1e-6
 
 
 def test_onednn_linear_leaves_small_products_other_dtypes_autocast_and_a_refused_check_to_f_linear(monkeypatch):

@@ -254,6 +254,16 @@ def test_clip_and_step_equals_clip_grad_norm_then_step(fused, scale, monkeypatch
         torch.testing.assert_close(s2["exp_avg"], s1["exp_avg"], rtol=1e-6, atol=1e-9)
 
 
+def test_clip_and_step_on_part_of_the_optimizers_parameters_clips_only_those():
+    (m1, o1), (m2, o2) = _clip_case(True, 100.0)
+    want = float(torch.nn.utils.clip_grad_norm_(m1[0].parameters(), 0.5))
+    o1.step()
+    assert clip_and_step(o2, m2[0].parameters(), 0.5) == pytest.approx(want, rel=1e-6)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):  # the second layer's gradient was not scaled
+        torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(p2, p1, rtol=1e-6, atol=1e-7)
+
+
 def test_clip_and_step_without_clipping_and_with_a_nonfinite_norm():
     (m1, o1), (m2, o2) = _clip_case(True, 10.0)
     before = [p.grad.clone() for p in m2.parameters()]
@@ -348,3 +358,16 @@ def test_clip_and_step_with_a_grad_scaler_unscales_and_skips_nonfinite_steps():
     clip_and_step(o2, m2.parameters(), 0.5, scaler)
     assert all(torch.equal(p, b) for p, b in zip(m2.parameters(), before))  # the step was skipped
     assert scaler.get_scale() < 1024.0
+
+
+def test_fp16_steps_that_overflow_are_skipped_and_marked(data_dir, tmp_path, monkeypatch):
+    from lmforge.train import loop
+
+    monkeypatch.setattr(loop, "pick_dtype", lambda name, device: torch.float16)
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: real(*a, **dict(k, init_scale=2.0 ** 100)))
+    run = tmp_path / "run"
+    run_pretrain(tiny_cfg(data_dir, run, steps=2, eval_every=100))
+    first = [e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "train"][0]
+    assert first.get("skipped") is True and first["grad_norm"] is None  # a scale of 2^100 overflows fp16
+    assert (run / "final").is_dir()

@@ -311,10 +311,10 @@ def transpose(x: torch.Tensor, column_sums: bool = False):
     """``x.t().contiguous()`` for a 2-D tensor; fp32 CPU ones whose rows are contiguous through the kernel
     (16 x 16 tiles transposed in registers, several times faster than torch's copy). With ``column_sums``,
     returns ``(x.t().contiguous(), x.sum(0))``, the sums taken on the kernel's way through (to fp32
-    rounding: 16 rows at a time, then in order)."""
+    rounding). Tensors that need a gradient take torch's copy, which autograd follows."""
     lib = _lib if _tried else load_kernel()
     if (lib is None or x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(1) != 1
-            or x.numel() == 0):
+            or x.numel() == 0 or (x.requires_grad and torch.is_grad_enabled())):
         t = x.t().contiguous()
         return (t, x.sum(0)) if column_sums else t
     out = torch.empty(x.shape[1], x.shape[0])
@@ -443,9 +443,10 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; for fp32 CPU tensors outside autocast and torch.compile, and products of
-    at least ``ONEDNN_MIN_MACS`` multiply-adds, its forward and input gradient through oneDNN
-    (``onednn_linear_available``), the weight gradient through torch's mm. The same function to fp32
-    rounding."""
+    at least ``ONEDNN_MIN_MACS`` multiply-adds, its products through oneDNN (``onednn_linear_available``):
+    the forward and the input gradient directly, the weight gradient from the output gradient transposed by
+    ``transpose`` (which also sums the bias gradient), or through torch's mm for layers with fewer inputs
+    than outputs where the kernels are not built. The same function to fp32 rounding."""
     if (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
             and weight.device.type == "cpu" and x.numel() * weight.shape[0] >= max(ONEDNN_MIN_MACS, 1)
             and (bias is None or bias.dtype == torch.float32)

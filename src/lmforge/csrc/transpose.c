@@ -70,9 +70,16 @@ void lmf_transpose_f32(const float *src, long rows, long cols, long lds, float *
     for (long cb = 0; cb < ct; cb++) {
         long c0 = cb * 16, cn = cols - c0 < 16 ? cols - c0 : 16;
         long r0 = 0;
-        v16 sum = {0};
+        v16 sum = {0}, part = {0}; /* part: up to 16 tiles' sums, so long columns lose little to rounding */
         if (cn == 16)
-            for (; r0 + 16 <= rows; r0 += 16) tile(src + r0 * lds + c0, lds, dst + c0 * rows + r0, rows, &sum);
+            for (int n = 1; r0 + 16 <= rows; r0 += 16, n++) {
+                tile(src + r0 * lds + c0, lds, dst + c0 * rows + r0, rows, &part);
+                if (n % 16 == 0) {
+                    sum += part;
+                    part = (v16){0};
+                }
+            }
+        sum += part;
         for (long c = c0; c < c0 + cn; c++) {
             float tail = 0.0f;
             for (long r = r0; r < rows; r++) {

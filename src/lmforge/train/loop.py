@@ -324,8 +324,12 @@ def train(task: TrainTask, tcfg: TrainConfig, ocfg: OptimConfig, out: Path, *, r
                 now = time.perf_counter()
                 tps = window_tokens / max(now - window_t0, 1e-9)
                 window_t0, window_tokens = now, 0
+                skipped = {}
+                if scaler is not None and grad_norm is not None and not math.isfinite(grad_norm):
+                    skipped, grad_norm = {"skipped": True}, None  # fp16 overflow: the scaler skipped the step
                 metrics.write(event="train", step=step, loss=train_loss, lr=lr, grad_norm=grad_norm,
-                              tokens_per_s=round(tps, 1), samples=samples, elapsed_s=round(now - t_start, 3))
+                              tokens_per_s=round(tps, 1), samples=samples, elapsed_s=round(now - t_start, 3),
+                              **skipped)
                 if bar is not None:
                     bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
 

@@ -54,7 +54,11 @@ def _takes_grad_scale(optimizer: torch.optim.Optimizer, params: list[torch.Tenso
         return False
     if not getattr(optimizer, "_step_supports_amp_scaling", False) or hasattr(optimizer, "grad_scale"):
         return False
-    if not all(g.get("fused") for g in optimizer.param_groups):
+    if not all(g.get("fused") for g in optimizer.param_groups) or not hasattr(torch.nn.utils, "get_total_norm"):
+        return False  # get_total_norm: torch 2.6 and later
+    # The scale divides every gradient the optimizer steps, so those must be exactly the ones clipped.
+    stepped = {id(p) for g in optimizer.param_groups for p in g["params"] if p.grad is not None}
+    if stepped != {id(p) for p in params}:
         return False
     return all((type(p) is torch.Tensor or type(p) is nn.Parameter) and p.device.type == "cpu" for p in params)
 
@@ -73,7 +77,8 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params, max_norm: float,
     torch's fused Adam/AdamW divides each gradient by ``optimizer.grad_scale`` inside its pass, so there the
     factor travels as that scale and the extra pass is skipped; under the limit nothing is multiplied at all.
     The update is the same to fp32 rounding, and the gradients are left clipped, as clip_grad_norm_ leaves
-    them. Other optimizers and devices, FSDP's sharded parameters and a non-finite norm take clip_grad_norm_."""
+    them. Other optimizers and devices, FSDP's sharded parameters, a ``params`` that is not every parameter
+    the optimizer steps, torch before 2.6 and a non-finite norm take clip_grad_norm_."""
     params = [p for p in params if p.grad is not None]
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -91,7 +96,7 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params, max_norm: float,
     total = torch.nn.utils.get_total_norm([p.grad for p in params])
     norm = float(total)
     if not math.isfinite(norm):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
         optimizer.step()
         return norm
     if max_norm / (norm + 1e-6) >= 1.0:  # clip_grad_norm_'s factor, clamped at 1: nothing to scale
