@@ -118,11 +118,14 @@ def test_stream_linear_matches_f_linear_for_every_shape(bias):
 
 
 def test_kernel_builds_where_there_is_a_compiler():
-    import platform
+    # A kernel that disagrees with torch turns every kernel off quietly (callers keep torch's ops); on a
+    # machine with a compiler that must not happen unnoticed.
+    import os
     import shutil
 
-    if platform.system() == "Linux" and platform.machine() == "x86_64" and shutil.which("gcc"):
-        assert kernels.kernel_available()  # a kernel that failed its check against F.linear would be off
+    if os.environ.get("LMFORGE_CPU_KERNELS", "1") == "0" or not (os.environ.get("CC") or shutil.which("gcc")):
+        pytest.skip("no C compiler, or the kernels are turned off")
+    assert kernels.kernel_available()
 
 
 def test_kernels_build_with_the_older_gcc_shuffle(monkeypatch, tmp_path):
@@ -312,8 +315,8 @@ def test_onednn_linear_weight_gradient_without_the_transpose_kernel(monkeypatch)
     """Without lmforge's kernels, layers with fewer inputs than outputs take MKL's weight gradient and the
     others torch's transposing copy: the gradients are the same."""
     monkeypatch.setattr(kernels, "ONEDNN_MIN_MACS", 0)
-    monkeypatch.setattr(kernels, "kernel_available", lambda: False)
-    monkeypatch.setattr(kernels, "transpose", lambda x, column_sums=False: (x.t().contiguous(), x.sum(0)) if column_sums else x.t().contiguous())
+    monkeypatch.setattr(kernels, "_tried", True)  # as where the library could not be built
+    monkeypatch.setattr(kernels, "_lib", None)
     g = torch.Generator().manual_seed(5)
     for d_in, d_out in ((10, 24), (24, 10)):
         x, w = torch.randn(6, d_in, generator=g), torch.randn(d_out, d_in, generator=g)

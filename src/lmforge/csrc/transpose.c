@@ -3,7 +3,7 @@
  * bias gradient, taken while the gradient passes through the registers). 16 x 16 tiles are transposed in
  * vector registers: four rounds, each swapping the off-diagonal s x s blocks (s = 8, 4, 2, 1) of every
  * 2s x 2s block with two-source shuffles, so a tile costs 16 loads, 64 shuffles and 16 stores; the edges go
- * element by element. The column tiles are shared among the threads. */
+ * element by element. The strips of 16 columns are shared among the threads. */
 #include "kernels.h"
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -51,43 +51,41 @@ static inline void tile(const float *src, long lds, float *dst, long ldd, v16 *s
     for (int i = 0; i < 16; i++) st(dst + i * ldd, t[i]);
 }
 
-void lmf_transpose_serial(const float *src, long rows, long cols, long lds, float *dst, long ldd) {
+/* One strip of at most 16 columns: whole 16 x 16 tiles down the rows, then the rest element by element. */
+static void strip(const float *src, long rows, long cn, long lds, float *dst, long ldd, float *colsum) {
     long r0 = 0;
-    v16 unused = {0};
-    for (; r0 + 16 <= rows; r0 += 16) {
-        long c0 = 0;
-        for (; c0 + 16 <= cols; c0 += 16) tile(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd, &unused);
-        for (long c = c0; c < cols; c++)
-            for (long r = r0; r < r0 + 16; r++) dst[c * ldd + r] = src[r * lds + c];
+    v16 sum = {0}, part = {0}; /* part: up to 16 tiles' sums, so long columns lose little to rounding */
+    if (cn == 16)
+        for (int n = 1; r0 + 16 <= rows; r0 += 16, n++) {
+            tile(src + r0 * lds, lds, dst + r0, ldd, &part);
+            if (n % 16 == 0) {
+                sum += part;
+                part = (v16){0};
+            }
+        }
+    sum += part;
+    for (long c = 0; c < cn; c++) {
+        float tail = 0.0f;
+        for (long r = r0; r < rows; r++) {
+            float v = src[r * lds + c];
+            dst[c * ldd + r] = v;
+            tail += v;
+        }
+        if (colsum) colsum[c] = sum[c] + tail;
     }
-    for (long c = 0; c < cols; c++)
-        for (long r = r0; r < rows; r++) dst[c * ldd + r] = src[r * lds + c];
+}
+
+void lmf_transpose_serial(const float *src, long rows, long cols, long lds, float *dst, long ldd) {
+    for (long c0 = 0; c0 < cols; c0 += 16)
+        strip(src + c0, rows, cols - c0 < 16 ? cols - c0 : 16, lds, dst + c0 * ldd, ldd, NULL);
 }
 
 void lmf_transpose_f32(const float *src, long rows, long cols, long lds, float *dst, float *colsum) {
-    long ct = (cols + 15) / 16;
+    long strips = (cols + 15) / 16;
     #pragma omp parallel for schedule(static)
-    for (long cb = 0; cb < ct; cb++) {
-        long c0 = cb * 16, cn = cols - c0 < 16 ? cols - c0 : 16;
-        long r0 = 0;
-        v16 sum = {0}, part = {0}; /* part: up to 16 tiles' sums, so long columns lose little to rounding */
-        if (cn == 16)
-            for (int n = 1; r0 + 16 <= rows; r0 += 16, n++) {
-                tile(src + r0 * lds + c0, lds, dst + c0 * rows + r0, rows, &part);
-                if (n % 16 == 0) {
-                    sum += part;
-                    part = (v16){0};
-                }
-            }
-        sum += part;
-        for (long c = c0; c < c0 + cn; c++) {
-            float tail = 0.0f;
-            for (long r = r0; r < rows; r++) {
-                float v = src[r * lds + c];
-                dst[c * rows + r] = v;
-                tail += v;
-            }
-            if (colsum) colsum[c] = sum[c - c0] + tail;
-        }
+    for (long k = 0; k < strips; k++) {
+        long c0 = k * 16;
+        strip(src + c0, rows, cols - c0 < 16 ? cols - c0 : 16, lds, dst + c0 * rows, rows,
+              colsum ? colsum + c0 : NULL);
     }
 }

@@ -26,10 +26,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .head_loss import TiedGradient, fused_loss_applies, linear_cross_entropy, tied_lookup
+from .head_loss import TiedGradient, cross_entropy, fused_loss_applies, linear_cross_entropy, tied_lookup
 from .layers import (MLP, Attention, KVCache, alibi_slopes, attention_mask, make_norm, rope_cos_sin,
                      rope_inv_freq, sinusoidal_encoding)
 
@@ -179,8 +178,7 @@ class DecoderLM(nn.Module):
             if fused:
                 return linear_cross_entropy(h_BTC.flatten(0, 1), self.lm_head.weight, targets_BT.flatten(),
                                             loss_reduction, tied)
-            return F.cross_entropy(self.lm_head(h_BTC).flatten(0, 1).float(), targets_BT.flatten(),
-                                   ignore_index=-100, reduction=loss_reduction)
+            return cross_entropy(self.lm_head(h_BTC).flatten(0, 1), targets_BT.flatten(), loss_reduction)
         logits_BTV = self.lm_head(h_BTC)
         if output_attentions:
             return logits_BTV, all_weights

@@ -48,6 +48,11 @@ enabled = _SETTING != "0"
 _MIN_LOGITS = 0 if _SETTING == "always" else 1 << 19
 
 
+def cross_entropy(logits_NV: torch.Tensor, y_N: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The plain path: ``F.cross_entropy`` on the logits, taken in fp32, targets -100 ignored."""
+    return F.cross_entropy(logits_NV.float(), y_N, ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
 def chunk_rows(n_tokens: int, vocab: int) -> int:
     """Vocabulary rows per chunk for ``n_tokens`` tokens: about 1 Mi logits, a multiple of 16, at least 256."""
     rows = max(_MIN_CHUNK, (_CHUNK_ELEMENTS // max(n_tokens, 1)) // 16 * 16)
@@ -195,7 +200,6 @@ def linear_cross_entropy(h_NC: torch.Tensor, weight_VC: torch.Tensor, y_N: torch
     if y_N.shape != h_NC.shape[:1]:
         raise ValueError(f"targets have shape {tuple(y_N.shape)}, expected ({h_NC.shape[0]},)")
     if not fused_loss_applies(h_NC, weight_VC):
-        return F.cross_entropy(F.linear(h_NC, weight_VC).float(), y_N, ignore_index=IGNORE_INDEX,
-                               reduction=reduction)
+        return cross_entropy(F.linear(h_NC, weight_VC), y_N, reduction)
     _check_targets(y_N, weight_VC.shape[0])
     return _LinearCrossEntropy.apply(h_NC.contiguous(), weight_VC, y_N.long(), reduction, tied)

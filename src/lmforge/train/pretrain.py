@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint import load_checkpoint, read_config, unwrap
 from ..config import PretrainConfig, UserError, to_dict, write_run_yaml
 from ..models.decoder import DecoderLM
+from ..models.head_loss import cross_entropy
 from .loop import TrainTask, load_resume_state, train
 
 
@@ -22,9 +22,7 @@ def next_token_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor
     kwargs = dict(positions_BT=batch.get("positions"), doc_ids_BT=batch.get("doc_ids"))
     if isinstance(unwrap(model), DecoderLM):
         return model(batch["x"], targets_BT=batch["y"], loss_reduction=reduction, **kwargs)
-    logits_BTV = model(batch["x"], **kwargs)
-    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch["y"].flatten(), ignore_index=-100,
-                           reduction=reduction)
+    return cross_entropy(model(batch["x"], **kwargs).flatten(0, 1), batch["y"].flatten(), reduction)
 
 
 def causal_lm_loss(model, batch: dict) -> torch.Tensor:
