@@ -63,9 +63,17 @@ def set_threads(n: int, tune_malloc: bool = True) -> int:
     return n
 
 
-def interleave(fns: dict[str, Callable[[], None]], rounds: int, reps: int = 1, warmup: int = 1) -> dict[str, float]:
+def interleave(fns: dict[str, Callable[[], None]], rounds: int, reps: int = 1, warmup: int = 1,
+               before: Optional[dict[str, Callable[[], None]]] = None,
+               samples: Optional[dict[str, list[float]]] = None) -> dict[str, float]:
     """Median seconds per call of each function, timed in rounds A, B, C, A, B, C, ... (the order is
-    rotated every round, so no candidate always follows the same one)."""
+    rotated every round, so no candidate always follows the same one).
+
+    before: untimed functions run right before each timed round of the candidate of the same name (not
+    before the warm-up calls), for a measurement that must be paired with that round, such as the read
+    bandwidth on a host whose speed changes within seconds. samples: filled with each candidate's seconds
+    per call in every round, in the order of the rounds."""
+    before = before or {}
     for f in fns.values():
         for _ in range(warmup):
             f()
@@ -74,10 +82,14 @@ def interleave(fns: dict[str, Callable[[], None]], rounds: int, reps: int = 1, w
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for k in order:
+            if k in before:
+                before[k]()
             t0 = time.perf_counter()
             for _ in range(reps):
                 fns[k]()
             times[k].append((time.perf_counter() - t0) / reps)
+    if samples is not None:
+        samples.update(times)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
