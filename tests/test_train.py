@@ -371,3 +371,48 @@ def test_fp16_steps_that_overflow_are_skipped_and_marked(data_dir, tmp_path, mon
     first = [e for e in read_metrics(run / "metrics.jsonl") if e["event"] == "train"][0]
     assert first.get("skipped") is True and first["grad_norm"] is None  # a scale of 2^100 overflows fp16
     assert (run / "final").is_dir()
+
+
+def _no_dropout(cfg: PretrainConfig) -> PretrainConfig:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout=0.0))
+
+
+def test_compiled_training_matches_eager(data_dir, tmp_path):
+    """--train.compile (torch.compile, what the GPU setting uses) trains the same model: on the CPU the
+    inductor backend compiles it with the C++ compiler, and the first step's loss and gradient norm are the
+    eager ones up to rounding. Dropout is off: compiled code draws its own random numbers."""
+    import shutil
+
+    from lmforge.train.pretrain import pretrain
+
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler for torch.compile's CPU backend")
+    notes = []
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    pretrain(_no_dropout(tiny_cfg(data_dir, eager, steps=3, save_every=0)), log=lambda *_: None)
+    pretrain(_no_dropout(tiny_cfg(data_dir, compiled, steps=3, save_every=0, compile=True)), log=notes.append)
+    assert not [n for n in notes if "torch.compile" in str(n)]  # it compiled, no fallback note
+    assert losses(compiled)[1] == pytest.approx(losses(eager)[1], rel=1e-4)
+    assert losses(compiled, key="grad_norm")[1] == pytest.approx(losses(eager, key="grad_norm")[1], rel=1e-3)
+    assert losses(compiled)[3] < losses(compiled)[1] + 0.5 and all(math.isfinite(v) for v in losses(compiled).values())
+
+
+def test_compile_that_fails_at_its_first_call_falls_back_to_eager_before_training(data_dir, tmp_path, monkeypatch):
+    """torch.compile is lazy: without a working compiler (a C++ compiler on the CPU, Triton on CUDA) it fails
+    at the first call, which used to be the first training step. The loop tries a tiny compiled function
+    first and trains eagerly, with a note, when it fails."""
+    from lmforge.train import loop
+    from lmforge.train.pretrain import pretrain
+
+    def lazy_failing_compile(fn, **kwargs):
+        def call(*a, **k):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return call
+
+    monkeypatch.setattr(loop.torch, "compile", lazy_failing_compile)
+    notes = []
+    run = tmp_path / "run"
+    pretrain(tiny_cfg(data_dir, run, steps=2, save_every=0, compile=True), log=notes.append)
+    assert any("torch.compile unavailable (RuntimeError: InvalidCxxCompiler" in str(n) and "eagerly" in str(n)
+               for n in notes)
+    assert sorted(losses(run)) == [1, 2]

@@ -379,9 +379,15 @@ def _maybe_compile(model: nn.Module, device: torch.device, log) -> nn.Module:
         log("note: torch.compile is not supported on Windows; running eagerly")
         return model
     try:
+        # torch.compile is lazy: a missing or broken compiler (a C++ compiler for the CPU backend, Triton for
+        # CUDA) shows only at the first call, which would be the first training step. A tiny function
+        # compiled and run here finds that out before training starts.
+        probe = torch.compile(lambda t: t * 2.0 + 1.0, dynamic=False)
+        probe(torch.ones(8, device=device))
         return torch.compile(model)
     except Exception as e:  # an unsupported platform or missing compiler: run eagerly rather than fail
-        log(f"note: torch.compile unavailable ({e.__class__.__name__}); running eagerly")
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        log(f"note: torch.compile unavailable ({e.__class__.__name__}: {reason}); running eagerly")
         return model
 
 
