@@ -217,7 +217,7 @@ def main(argv=None) -> list[list]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="both", choices=["char", "124m", "both", "tiny"])
     ap.add_argument("--rounds", type=int, default=None,
-                    help="interleaved rounds (default: 5; 3 for the 124m config, whose steps take seconds)")
+                    help="interleaved rounds (default: 5)")
     ap.add_argument("--reps", type=int, default=0, help="steps per round (0: 10 for char, 1 for 124m)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--profile", action="store_true",
@@ -246,7 +246,7 @@ def main(argv=None) -> list[list]:
         names = []
     for n in names:
         reps = args.reps or (1 if n == "124m" else 10)
-        rounds = args.rounds or (3 if n == "124m" else 5)
+        rounds = args.rounds or 5
         rows += run_config(n, rounds, reps, profile=args.profile,
                            compare_loss=args.compare_loss, compare_linear=args.compare_linear)
     table(f"Training step ({threads} threads; ratio = baseline s/step / candidate s/step)",
