@@ -218,7 +218,7 @@ def main(argv=None) -> list[list]:
     ap.add_argument("--config", default="both", choices=["char", "124m", "both", "tiny"])
     ap.add_argument("--rounds", type=int, default=None,
                     help="interleaved rounds (default: 5)")
-    ap.add_argument("--reps", type=int, default=0, help="steps per round (0: 10 for char, 1 for 124m)")
+    ap.add_argument("--reps", type=int, default=0, help="steps per round (0: 10 for char, 2 for 124m)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--profile", action="store_true",
                     help="also profile one of lmforge's GPT-2-style steps (torch.profiler) and print where it goes")
@@ -245,7 +245,7 @@ def main(argv=None) -> list[list]:
                            compare_loss=args.compare_loss, compare_linear=args.compare_linear)
         names = []
     for n in names:
-        reps = args.reps or (1 if n == "124m" else 10)
+        reps = args.reps or (2 if n == "124m" else 10)
         rounds = args.rounds or 5
         rows += run_config(n, rounds, reps, profile=args.profile,
                            compare_loss=args.compare_loss, compare_linear=args.compare_linear)
