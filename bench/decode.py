@@ -273,16 +273,19 @@ def main(argv=None) -> dict:
           + f" GB/s; bytes per token fp32 {bytes_fp32 / 1e6:.0f} MB, int8 {bytes_int8 / 1e6:.0f} MB -> median bound "
           f"{bound_fp32:.1f} / {bound_int8:.1f} tok/s")
     print("each round against its own bound (the table gives the median): fp32 "
-          + ", ".join(f"{r:.0%}" for r in vs_bound["fp32"]) + "; int8 " + ", ".join(f"{r:.0%}" for r in vs_bound["int8"]))
+          + ", ".join(f"{r:.0%}" for r in vs_bound["fp32"]) + "; int8 "
+          + ", ".join(f"{r:.0%}" for r in vs_bound["int8"]))
     rows = [
         ["lmforge fp32, batch 1 vs transformers generate", f"{b1:.1f} vs {hf_b1:.1f} tok/s", f"{b1 / hf_b1:.2f}x",
          verdict(b1 / hf_b1, 2.0)],
-        ["lmforge fp32, batch 1 vs bandwidth bound", f"{b1:.1f} vs {bound_fp32:.1f} tok/s (medians)", f"{fp32_vs_bound:.0%}",
+        ["lmforge fp32, batch 1 vs bandwidth bound", f"{b1:.1f} vs {bound_fp32:.1f} tok/s (medians)",
+         f"{fp32_vs_bound:.0%}",
          verdict(fp32_vs_bound, 0.70)],
         [f"lmforge fp32, batch {args.batch} vs batch 1 (aggregate)", f"{b8:.1f} vs {b1:.1f} tok/s",
          f"{b8 / b1:.2f}x", verdict(b8 / b1, 4.0)],
         ["lmforge int8 vs fp32, batch 1", f"{i8:.1f} vs {b1:.1f} tok/s", f"{i8 / b1:.2f}x", verdict(i8 / b1, 1.7)],
-        ["lmforge int8 vs int8 bandwidth bound", f"{i8:.1f} vs {bound_int8:.1f} tok/s (medians)", f"{int8_vs_bound:.0%}", "(info)"],
+        ["lmforge int8 vs int8 bandwidth bound", f"{i8:.1f} vs {bound_int8:.1f} tok/s (medians)",
+         f"{int8_vs_bound:.0%}", "(info)"],
         ["lmforge fp32 batch 1, packed vs pack=False", f"{b1:.1f} vs {plain:.1f} tok/s", f"{b1 / plain:.2f}x",
          "(info)"],
         ["lmforge fp32 batch 1, compiled step vs model forward", f"{b1:.1f} vs {forward:.1f} tok/s",

@@ -7,7 +7,9 @@ Baseline: the plain-PyTorch reference (bench/ref_gpt.py) trained exactly as nano
 CPU "baby GPT": char-tiny (4 layers, 4 heads, 128 wide, context 64, no biases, no dropout), batch 12,
 2000 steps, AdamW lr 1e-3 with 100 warmup steps and cosine decay to 1e-4, betas 0.9/0.99, weight decay
 0.1, clipping at 1.0, random windows of the training split. With ``--nanogpt DIR`` (a checkout of
-karpathy/nanoGPT) nanoGPT's own train.py also runs with that README command, data written in its format.
+karpathy/nanoGPT) nanoGPT's own train.py also runs with that README command, data written in its format,
+and so does ``lmforge pretrain --config configs/shakespeare-char-nanogpt.yaml`` (the same setting through
+lmforge's command line, evaluation every 250 steps included): both as whole processes, side by side.
 
 Candidate: ``lmforge pretrain --config configs/shakespeare-char-cpu.yaml`` (in process; intermediate
 validation off, the end-of-run checkpoint included in its time).
@@ -146,6 +148,27 @@ def run_nanogpt(repo: Path, steps: int, threads: int) -> tuple[float, float]:
     return seconds, float(vals[-1]) if vals else float("nan")
 
 
+def run_lmforge_nanogpt_setting(data: Path, steps: int, threads: int) -> tuple[float, float]:
+    """``lmforge pretrain --config configs/shakespeare-char-nanogpt.yaml`` (nanoGPT's README CPU setting, with
+    its evaluation every 250 steps and checkpoints) as a user runs it, in a process of its own, to set beside
+    nanoGPT's train.py: returns (wall seconds of the whole process, its last validation loss)."""
+    out = Path(tempfile.mkdtemp(prefix="lmforge-nanogpt-setting-"))
+    try:
+        config = ROOT / "configs" / "shakespeare-char-nanogpt.yaml"
+        cmd = [sys.executable, "-m", "lmforge", "pretrain", "--config", str(config), "--data", str(data),
+               "--out", str(out / "run"), "--train.steps", str(steps), "--train.no-progress", "--train.no-plot",
+               "--train.threads", str(threads)]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise RuntimeError(f"lmforge pretrain failed:\n{p.stderr[-2000:]}")
+        vals = re.findall(r"val loss ([0-9.]+)", p.stdout + p.stderr)
+        return seconds, float(vals[-1]) if vals else float("nan")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def main(argv=None) -> list[list]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=1, help="baseline/recipe pairs, alternated")
@@ -163,7 +186,7 @@ def main(argv=None) -> list[list]:
     train, val = split_tokens(data, "train"), split_tokens(data, "val")
     vocab = int(max(train.max(), val.max())) + 1
     print(f"machine: {machine()}")
-    base_s, base_l, rec_s, rec_l, nano = [], [], [], [], []
+    base_s, base_l, rec_s, rec_l, nano, same = [], [], [], [], [], []
     out = tmp / "recipe"
     for pair in range(args.pairs):
         s, m = run_baseline(train, vocab, args.baseline_steps, seed=1337 + pair)
@@ -177,6 +200,9 @@ def main(argv=None) -> list[list]:
         if args.nanogpt:
             nano.append(run_nanogpt(Path(args.nanogpt), args.baseline_steps, threads))
             print(f"pair {pair}: nanoGPT train.py {nano[-1][0]:.0f} s, its val {nano[-1][1]:.4f}", flush=True)
+            same.append(run_lmforge_nanogpt_setting(data, args.baseline_steps, threads))
+            print(f"pair {pair}: lmforge pretrain, nanoGPT's setting {same[-1][0]:.0f} s, its val {same[-1][1]:.4f}",
+                  flush=True)
     med = statistics.median
     budget = med(base_s)
     rows = [["reference loop, nanoGPT CPU setup (2000 steps, batch 12)", f"{budget:.0f}", f"{med(base_l):.4f}",
@@ -185,6 +211,10 @@ def main(argv=None) -> list[list]:
         ns = med([s for s, _ in nano])
         rows.append(["nanoGPT train.py, README CPU command (its own eval)", f"{ns:.0f}",
                      f"{med([v for _, v in nano]):.4f}", f"{ns / budget:.2f}", "(side by side)"])
+        ls = med([s for s, _ in same])
+        rows.append(["lmforge pretrain, the same setting (shakespeare-char-nanogpt.yaml, its own eval)", f"{ls:.0f}",
+                     f"{med([v for _, v in same]):.4f}", f"{ls / budget:.2f}",
+                     f"(side by side: {ns / ls:.2f}x nanoGPT's speed, whole processes)"])
     rows.append([f"lmforge {Path(args.recipe).name} ({cfg.train.steps} steps, batch {cfg.train.batch_size})",
                  f"{med(rec_s):.0f}", f"{med(rec_l):.4f}", f"{med(rec_s) / budget:.2f}",
                  f"{verdict(med(rec_l), 1.75, higher_is_better=False)}, time "

@@ -213,3 +213,37 @@ def test_decode_bench_on_a_shape_of_ones_own(capsys, arch, preset):
         assert best == max(summed, kernel) > 0
     assert out["fp32_vs_bound"] > 0 and out["int8_vs_bound"] > 0
     assert "each round against its own bound" in text
+
+
+def test_time_to_quality_bench_runs_nanogpt_and_lmforge_side_by_side(capsys, tmp_path):
+    """The time-to-quality bench end to end at tiny step counts, with a stand-in for a nanoGPT checkout
+    (a train.py that records its command line and prints a validation loss): nanoGPT's data files are
+    written in its format, its README command runs, and lmforge pretrain runs nanoGPT's setting beside it."""
+    import pickle
+
+    import numpy as np
+
+    from bench import time_to_quality
+
+    repo = tmp_path / "nanoGPT"
+    (repo / "data" / "shakespeare_char").mkdir(parents=True)
+    (repo / "train.py").write_text(
+        "import sys, pathlib\n"
+        "pathlib.Path('argv.txt').write_text(' '.join(sys.argv[1:]))\n"
+        "print('step 20: train loss 2.5000, val loss 2.6000')\n", encoding="utf-8")
+    rows = time_to_quality.main(["--baseline-steps", "20", "--recipe-steps", "5", "--threads", "1",
+                                 "--nanogpt", str(repo)])
+    out = capsys.readouterr().out
+    argv = (repo / "argv.txt").read_text(encoding="utf-8")
+    assert "config/train_shakespeare_char.py" in argv and "--device=cpu" in argv and "--max_iters=20" in argv
+    meta = pickle.loads((repo / "data" / "shakespeare_char" / "meta.pkl").read_bytes())
+    train_ids = np.fromfile(repo / "data" / "shakespeare_char" / "train.bin", dtype=np.uint16)
+    assert train_ids.max() < meta["vocab_size"] and len(train_ids) > 900_000
+    names = [r[0] for r in rows]
+    assert names[0].startswith("reference loop") and names[1].startswith("nanoGPT train.py")
+    assert rows[1][2] == "2.6000"  # nanoGPT's own printed validation loss
+    same = rows[2]
+    assert same[0].startswith("lmforge pretrain, the same setting") and "x nanoGPT's speed" in same[4]
+    assert 0 < float(same[2]) < 5  # lmforge's own last validation loss, read from its output
+    assert "lmforge shakespeare-char-cpu.yaml (5 steps" in names[3]
+    assert "Time to quality" in out
