@@ -216,8 +216,7 @@ def run_config(name: str, rounds: int, reps: int, seed: int = 0, c: Optional[dic
 def main(argv=None) -> list[list]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="both", choices=["char", "124m", "both", "tiny"])
-    ap.add_argument("--rounds", type=int, default=None,
-                    help="interleaved rounds (default: 5)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--reps", type=int, default=0, help="steps per round (0: 10 for char, 2 for 124m)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--profile", action="store_true",
@@ -241,13 +240,12 @@ def main(argv=None) -> list[list]:
     if args.shape:
         c = args.shape
         print("custom: " + ", ".join(f"{k}={v}" for k, v in c.items()))
-        rows += run_config("custom", args.rounds or 5, args.reps or 10, c=c, profile=args.profile,
+        rows += run_config("custom", args.rounds, args.reps or 10, c=c, profile=args.profile,
                            compare_loss=args.compare_loss, compare_linear=args.compare_linear)
         names = []
     for n in names:
         reps = args.reps or (2 if n == "124m" else 10)
-        rounds = args.rounds or 5
-        rows += run_config(n, rounds, reps, profile=args.profile,
+        rows += run_config(n, args.rounds, reps, profile=args.profile,
                            compare_loss=args.compare_loss, compare_linear=args.compare_linear)
     table(f"Training step ({threads} threads; ratio = baseline s/step / candidate s/step)",
           ["config: candidate", "ms/step", "tokens/s", "MFU", "page faults/step", "vs reference", "target"], rows)
